@@ -1,0 +1,94 @@
+"""The Phalanx ClientApp: validated local data, local training, an update sent back.
+
+The client trains on CUDA when present (else CPU) with the run config's ``local-epochs``,
+``lr`` and ``batch-size``, and replies with its weights, ``num-examples`` and its train loss.
+With ``dp = "client"`` it clips its update to ``clip-norm`` and adds Gaussian noise before
+sending. Attack hooks (``client.hooks``) are filled only when the config names an attack.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.data import Dataset, load_partition
+from client.hooks import attack_role
+from client.model import build_model, training_device
+from client.train import evaluate as evaluate_model
+from client.train import train as train_model
+from server.privacy import clip_update, gaussian_noise_like
+from server.settings import RunSettings
+
+app = ClientApp()
+
+# A client process trains one small model at a time: one thread avoids oversubscribing the
+# cores that the simulation engine's other actors share.
+torch.set_num_threads(1)
+
+
+def _local_data(settings: RunSettings, context: Context) -> tuple[Dataset, int]:
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config["num-partitions"])
+    data = load_partition(settings.dataset, partition_id, num_partitions, settings.alpha, settings.seed)
+    return data, partition_id
+
+
+def _flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).cpu().float() for p in model.state_dict().values()])
+
+
+def _load_flat(model: torch.nn.Module, vector: torch.Tensor) -> None:
+    state, offset = {}, 0
+    for key, value in model.state_dict().items():
+        state[key] = vector[offset : offset + value.numel()].reshape(value.shape).to(value.dtype)
+        offset += value.numel()
+    model.load_state_dict(state)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on local data and reply with the new weights."""
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    server_round = int(msg.content["config"]["server-round"])
+    data, partition_id = _local_data(settings, context)
+    x, y = data.x, data.y
+    role = attack_role(settings.attack, settings.attack_params, partition_id=partition_id,
+                       num_clients=settings.num_clients, num_malicious=settings.num_malicious, seed=settings.seed)
+    rng = np.random.default_rng([settings.seed, partition_id, server_round])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    if role is not None and role.transforms_data:
+        x, y = role.attack.poison_data(x, y, num_classes=data.num_classes, image_shape=data.image_shape, rng=rng)
+
+    device = training_device()
+    model = build_model(data.num_features, data.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    global_vector = _flat(model)
+    loss = train_model(model, x, y, epochs=settings.local_epochs, lr=settings.lr,
+                       batch_size=settings.batch_size, device=device, generator=generator)
+    update = _flat(model) - global_vector
+
+    if role is not None and role.transforms_update:
+        update = role.attack.poison_update(update, rng=generator)
+    if settings.dp == "client":
+        update = clip_update(update, settings.clip_norm)
+        std = settings.noise_multiplier * settings.clip_norm
+        update = update + gaussian_noise_like(update, std, generator)
+    _load_flat(model, global_vector + update)
+
+    metrics = {"num-examples": len(y), "train-loss": float(loss), "partition-id": partition_id}
+    reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    return Message(reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this client's local data."""
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    data, _ = _local_data(settings, context)
+    model = build_model(data.num_features, data.num_classes)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    loss, accuracy = evaluate_model(model, data.x, data.y, training_device())
+    metrics = MetricRecord({"num-examples": len(data.y), "eval-loss": loss, "eval-acc": accuracy})
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

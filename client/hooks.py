@@ -1,0 +1,65 @@
+"""Attack hooks, filled by name only when a run's config asks for an attack.
+
+The ClientApp knows no particular attack. When ``attack`` is not ``none`` it imports the attack
+plugin module (``simulations.attacks`` by default) and asks it for the attack by name; the
+attack then gets two hooks in the client: a data transform (``poison_data``, before training)
+and an update transform (``poison_update``, after training). A deployed client runs with
+``attack = "none"`` and never imports the plugin.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+from types import ModuleType
+from typing import Any
+
+#: Module that provides ``build``, ``parse_params`` and ``malicious_partitions``.
+ATTACK_PLUGIN = "simulations.attacks"
+
+
+@dataclass(frozen=True)
+class AttackRole:
+    """What the attack plugin asks of this client.
+
+    Attributes
+    ----------
+    attack : Any
+        The attack object (``poison_data``, ``poison_update``, ``craft``...).
+    malicious : bool
+        This client is one of the attackers.
+    """
+
+    attack: Any
+    malicious: bool
+
+    @property
+    def transforms_data(self) -> bool:
+        """Poison (or corrupt) this client's training data before it trains."""
+        if getattr(self.attack, "targets_honest", False):
+            return not self.malicious
+        return self.malicious
+
+    @property
+    def transforms_update(self) -> bool:
+        """Transform this client's update after training (non-omniscient model poisoning)."""
+        return self.malicious and not getattr(self.attack, "omniscient", False)
+
+
+@lru_cache(maxsize=8)
+def attack_plugin(module_name: str = ATTACK_PLUGIN) -> ModuleType:
+    """Import the attack plugin module by name."""
+    return importlib.import_module(module_name)
+
+
+def attack_role(
+    attack: str, attack_params: str, *, partition_id: int, num_clients: int, num_malicious: int, seed: int
+) -> AttackRole | None:
+    """The attack this client takes part in, or None when the run has no attack."""
+    if attack in ("", "none"):
+        return None
+    plugin = attack_plugin()
+    built = plugin.build(attack, **plugin.parse_params(attack_params))
+    malicious = partition_id in set(plugin.malicious_partitions(num_clients, num_malicious, seed))
+    return AttackRole(built, malicious)

@@ -1,0 +1,480 @@
+"""RobustStrategy: Byzantine-robust aggregation as a Flower Message-API strategy."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+import aggregators
+from server.params import ParamSpec, arrays_to_vector, vector_to_arrays
+from server.privacy import (
+    AdaptiveClipper,
+    PrivacyAccountant,
+    central_noise_std,
+    clip_updates,
+    gaussian_noise_like,
+)
+from server.reputation import Reputation
+from server.scoring import score_updates
+from server.validation import ReplyValidator, ValidReply
+
+#: ``interceptor(server_round, updates, node_ids, metrics, aggregator) -> updates``: a
+#: pre-aggregation hook that may replace rows of the (n, d) stack. Simulations use it for
+#: omniscient attackers; a deployed server leaves it unset.
+Interceptor = Callable[[int, torch.Tensor, list[int], list[dict], Callable], torch.Tensor]
+
+DP_MODES = ("off", "central", "client")
+
+
+@dataclass
+class PrivacySettings:
+    """Differential-privacy settings of a run.
+
+    Attributes
+    ----------
+    mode : str
+        ``off``, ``central`` (server clips, aggregates, adds noise) or ``client`` (clients clip
+        and noise their own updates; the server only accounts).
+    clip_norm : float
+        L2 clip norm C (the initial one when ``adaptive``).
+    noise_multiplier : float
+        sigma: noise std is sigma times the aggregator's sensitivity (central) or sigma * C (client).
+    delta : float
+        Target delta of the reported epsilon.
+    adaptive : bool
+        Central mode only: the clip tracks ``target_quantile`` of the update norms (Andrew et al. 2021).
+    target_quantile : float
+        Quantile of update norms the adaptive clip tracks.
+    target_epsilon : float
+        Training stops before a round that would spend more than this; ``inf`` disables.
+    """
+
+    mode: str = "off"
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    target_epsilon: float = math.inf
+
+
+class RobustStrategy(Strategy):
+    """Federated training with a robust aggregation rule and per-client scrutiny.
+
+    Each round: sample clients (seeded), send the global model, validate every reply (a bad
+    reply is rejected with a reason, never raised), turn replies into updates (reply minus
+    global), stack them into one (n, d) tensor on the server's device, score every client,
+    apply the reputation policy, aggregate with a rule from the ``aggregators`` registry and
+    apply the result.
+
+    Parameters
+    ----------
+    aggregator : str
+        A registered rule name (``aggregators.available()``) or ``"package.module:Name"``.
+    num_byzantine : int
+        The number of Byzantine clients f the rule assumes.
+    pre_aggregation : Iterable[str]
+        Pre-aggregation chain, e.g. ``["nnm"]`` or ``["bucketing:size=2"]``.
+    aggregator_params : dict | None
+        Extra constructor parameters of the rule.
+    fraction_train : float
+        Share of connected clients sampled each round.
+    min_train_nodes : int
+        Fewest clients sampled a round.
+    min_available_nodes : int
+        Clients that must be connected before a round starts.
+    min_replies : int
+        Fewest valid replies needed to aggregate; below it the round is skipped and the global
+        model stays unchanged.
+    max_update_norm : float
+        Updates with a larger L2 norm are rejected.
+    max_num_examples : int
+        Client-reported ``num-examples`` is capped here before it weights anything.
+    policy : str
+        Reputation policy: ``flag``, ``exclude``, ``quarantine`` or ``trust-weighted``.
+    flag_threshold : float
+        Combined anomaly score at or above which a client is flagged.
+    privacy : PrivacySettings | None
+        Differential privacy; None means off.
+    seed : int
+        Seeds client sampling and the server-side noise.
+    device : str | torch.device | None
+        Where updates are stacked and aggregated; CUDA when present by default.
+    interceptor : Interceptor | None
+        Simulation-only hook over the update stack (see ``Interceptor``).
+    """
+
+    def __init__(
+        self,
+        aggregator: str = "krum",
+        num_byzantine: int = 0,
+        *,
+        pre_aggregation: Iterable[str] = (),
+        aggregator_params: dict | None = None,
+        fraction_train: float = 1.0,
+        min_train_nodes: int = 2,
+        min_available_nodes: int = 2,
+        min_replies: int = 1,
+        max_update_norm: float = math.inf,
+        max_num_examples: int = 100_000,
+        policy: str = "flag",
+        flag_threshold: float = 0.5,
+        privacy: PrivacySettings | None = None,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        interceptor: Interceptor | None = None,
+    ) -> None:
+        if not 0.0 < fraction_train <= 1.0:
+            raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        if min_replies < 1:
+            raise ValueError(f"min_replies must be >= 1, got {min_replies}")
+        if num_byzantine < 0:
+            raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}")
+        self.aggregator_name = aggregator
+        self.num_byzantine = num_byzantine
+        self.pre_aggregation = [p for p in pre_aggregation if p]
+        self.rule = aggregators.build(
+            aggregator, num_byzantine=num_byzantine, pre=self.pre_aggregation or None, **(aggregator_params or {})
+        )
+        self.fraction_train = fraction_train
+        self.min_train_nodes = min_train_nodes
+        self.min_available_nodes = min_available_nodes
+        self.min_replies = min_replies
+        self.max_update_norm = max_update_norm
+        self.max_num_examples = max_num_examples
+        self.reputation = Reputation(policy, threshold=flag_threshold)
+        self.privacy = privacy or PrivacySettings()
+        if self.privacy.mode not in DP_MODES:
+            raise ValueError(f"dp must be one of {DP_MODES}, got {self.privacy.mode!r}")
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else _default_device()
+        self.interceptor = interceptor
+        self.noise_generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.clipper: AdaptiveClipper | None = None
+        self.accountant: PrivacyAccountant | None = None
+        self.client_participation: dict[int, int] = {}
+        if self.privacy.mode == "central":
+            # Refuse a rule with no sensitivity bound now, before any round runs.
+            central_noise_std(self.rule, clip_norm=1.0, num_clients=max(2 * num_byzantine + 3, 4), noise_multiplier=1.0)
+            if self.privacy.adaptive:
+                self.clipper = AdaptiveClipper(self.privacy.clip_norm, self.privacy.target_quantile, seed=seed)
+        self.history: list[dict] = []
+        self.last_record: dict | None = None
+        self._spec: ParamSpec | None = None
+        self._global: torch.Tensor | None = None
+        self._sampled: set[int] = set()
+        self._num_nodes = 0
+
+    # ------------------------------------------------------------------ Flower API
+    def summary(self) -> None:
+        """Log the strategy's settings."""
+        log(INFO, "\t├── Aggregator: %s (f = %d, pre-aggregation: %s)", self.aggregator_name,
+            self.num_byzantine, ",".join(self.pre_aggregation) or "none")
+        log(INFO, "\t├── Sampling: fraction %.2f, min %d nodes, min %d valid replies", self.fraction_train,
+            self.min_train_nodes, self.min_replies)
+        log(INFO, "\t├── Reply bounds: update norm <= %s, num-examples capped at %d", self.max_update_norm,
+            self.max_num_examples)
+        log(INFO, "\t├── Reputation policy: %s (flag threshold %.2f)", self.reputation.policy, self.reputation.threshold)
+        log(INFO, "\t├── Differential privacy: %s (C = %s, sigma = %s, delta = %s)", self.privacy.mode,
+            self.privacy.clip_norm, self.privacy.noise_multiplier, self.privacy.delta)
+        log(INFO, "\t└── Device: %s, seed %d", self.device, self.seed)
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Sample clients (seeded, skipping quarantined ones) and send them the global model."""
+        nodes = _wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
+        self._num_nodes = len(nodes)
+        eligible = [n for n in nodes if not self.reputation.is_quarantined(n, server_round)]
+        size = min(len(eligible), max(self.min_train_nodes, int(round(self.fraction_train * len(nodes)))))
+        rng = np.random.default_rng([self.seed, server_round])
+        sampled = sorted(int(n) for n in rng.choice(eligible, size=size, replace=False)) if size else []
+        skipped = sorted(set(nodes) - set(eligible))
+        if skipped:
+            log(INFO, "configure_train: quarantined nodes skipped: %s", skipped)
+        log(INFO, "configure_train: sampled %d of %d nodes", len(sampled), len(nodes))
+        if self._spec is None:
+            self._spec = ParamSpec.of(arrays)
+        self._global = arrays_to_vector(arrays, self._spec)
+        self._sampled = set(sampled)
+        config["server-round"] = server_round
+        if self.privacy.mode == "client":
+            config["clip-norm"] = float(self.privacy.clip_norm)
+        record = RecordDict({"arrays": arrays, "config": config})
+        return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate, score and robustly aggregate the replies of one round.
+
+        Never raises because of a client's reply: each bad reply is rejected with a reason and
+        the rest are aggregated. With fewer valid replies than ``min_replies`` the round is
+        skipped (returns ``(None, metrics)``) and the global model stays as it was.
+        """
+        started = time.perf_counter()
+        if self._global is None or self._spec is None:
+            raise RuntimeError("aggregate_train called before configure_train")
+        valid, rejected = self._validate_all(server_round, replies)
+        record: dict = {
+            "round": server_round,
+            "sampled": sorted(self._sampled),
+            "accepted": [v.node_id for v in valid],
+            "rejected": {str(k): v for k, v in rejected.items()},
+            "scores": {},
+            "features": {},
+            "flagged": [],
+            "excluded": [],
+            "selected": [],
+            "skipped": False,
+        }
+        for node_id, reason in rejected.items():
+            log(WARNING, "round %d: rejected node %s: %s", server_round, node_id, reason)
+
+        if len(valid) < self.min_replies:
+            log(WARNING, "round %d skipped: %d valid replies < min-replies %d; global model unchanged",
+                server_round, len(valid), self.min_replies)
+            record["skipped"] = True
+            self._finish(record, None, started)
+            return None, MetricRecord({"num-valid": len(valid), "num-rejected": len(rejected)})
+
+        node_ids = [v.node_id for v in valid]
+        updates = torch.stack([v.update for v in valid]).to(self.device)
+        weights = torch.tensor([float(v.num_examples) for v in valid], dtype=torch.float64, device=self.device)
+        if self.interceptor is not None:
+            updates = self.interceptor(server_round, updates, node_ids, [v.metrics for v in valid], self.rule)
+        record["update_sha256"] = {str(n): _sha256(u) for n, u in zip(node_ids, updates)}
+        record["client_reports"] = {str(v.node_id): {k: m for k, m in v.metrics.items() if k not in ("num-examples", "train-loss")}
+                                    for v in valid}
+
+        if self.privacy.mode == "central":
+            updates, norms = clip_updates(updates, self._clip_norm())
+            record["clip_norm"] = self._clip_norm()
+        vector, keep, scores = self._robust_aggregate(server_round, updates, weights, node_ids, record)
+        if self.privacy.mode != "off":
+            vector = self._privatise(vector, keep, record, norms if self.privacy.mode == "central" else None)
+
+        new_global = self._global + vector.to("cpu", torch.float32)
+        record["aggregate_sha256"] = _sha256(vector)
+        record["train_loss"] = _weighted_metric(valid, "train-loss")
+        self._finish(record, scores, started)
+        metrics = MetricRecord({"num-valid": len(valid), "num-rejected": len(rejected)})
+        if record["train_loss"] is not None:
+            metrics["train-loss"] = record["train_loss"]
+        return vector_to_arrays(new_global, self._spec), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Phalanx evaluates centrally on the server's held-out split; no client round."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """No client-side evaluation (see ``configure_evaluate``)."""
+        return None
+
+    # ------------------------------------------------------------------ internals
+    def _validate_all(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ValidReply], dict[int, str]]:
+        assert self._spec is not None and self._global is not None
+        validator = ReplyValidator(self._spec, max_update_norm=self.max_update_norm,
+                                   max_num_examples=self.max_num_examples)
+        valid: list[ValidReply] = []
+        rejected: dict[int, str] = {}
+        seen: set[int] = set()
+        for reply in replies:
+            try:
+                node_id = int(reply.metadata.src_node_id)
+            except Exception:  # noqa: BLE001 - no usable sender id at all
+                rejected[-1] = "reply without a sender node id"
+                continue
+            if node_id in seen:
+                # Keep the first reply: a second one from the same node is never averaged in twice.
+                rejected[node_id] = "duplicate reply from this node (the first was kept)"
+                continue
+            seen.add(node_id)
+            if node_id not in self._sampled:
+                rejected[node_id] = f"node was not sampled in round {server_round}"
+                continue
+            outcome = validator.validate(reply, self._global)
+            if isinstance(outcome, str):
+                rejected[node_id] = outcome
+            else:
+                valid.append(outcome)
+        return valid, rejected
+
+    def _robust_aggregate(
+        self, server_round: int, updates: torch.Tensor, weights: torch.Tensor, node_ids: list[int], record: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Aggregate, score every client, apply the reputation policy; return (vector, kept rows, scores)."""
+        if self.reputation.policy == "trust-weighted":
+            weights = weights * self.reputation.trust_weights(node_ids).to(weights)
+        result = self._call_rule(updates, weights)
+        client_scores = score_updates(updates, result.vector, result.scores)
+        combined = client_scores.combined
+        flagged = self.reputation.observe(server_round, node_ids, combined.tolist())
+        keep = torch.ones(len(node_ids), dtype=torch.bool, device=updates.device)
+        excluded = self.reputation.excluded(server_round, node_ids, combined.tolist()) & set(node_ids)
+        if excluded and len(excluded) < len(node_ids):
+            keep = torch.tensor([n not in excluded for n in node_ids], device=updates.device)
+            result = self._call_rule(updates[keep], weights[keep])
+            selected = torch.zeros(len(node_ids), dtype=torch.bool, device=updates.device)
+            selected[keep] = result.selected
+        else:
+            selected = result.selected
+        record["scores"] = {str(n): float(s) for n, s in zip(node_ids, combined.tolist())}
+        record["features"] = {str(row["node_id"]): {k: v for k, v in row.items() if k != "node_id"}
+                              for row in client_scores.as_rows(node_ids)}
+        record["rule_scores"] = {str(n): float(s) for n, s in zip(node_ids, result_scores(result, keep))}
+        record["flagged"] = sorted(int(n) for n in flagged)
+        record["excluded"] = sorted(int(n) for n in excluded)
+        record["selected"] = [n for n, s in zip(node_ids, selected.tolist()) if s]
+        record["reputation"] = {str(n): float(self.reputation.reputations.get(n, 0.0)) for n in node_ids}
+        return result.vector, keep, combined
+
+    def _call_rule(self, updates: torch.Tensor, weights: torch.Tensor):
+        if getattr(self.rule, "needs_trusted_update", False) and getattr(self, "trusted_update_fn", None):
+            self.rule.set_trusted_update(self.trusted_update_fn(self._global).to(updates))
+        return self.rule(updates, weights=weights)
+
+    def _clip_norm(self) -> float:
+        return self.clipper.clip_norm if self.clipper is not None else self.privacy.clip_norm
+
+    def _privatise(self, vector: torch.Tensor, keep: torch.Tensor, record: dict, norms: torch.Tensor | None) -> torch.Tensor:
+        """Central DP: add noise scaled to the rule's sensitivity; account the round either way."""
+        privacy = self.privacy
+        if privacy.mode == "central":
+            sigma = privacy.noise_multiplier
+            if self.clipper is not None:
+                sigma = self.clipper.effective_noise_multiplier(sigma)
+            std = central_noise_std(self.rule, clip_norm=self._clip_norm(), num_clients=int(keep.sum()),
+                                    noise_multiplier=sigma)
+            vector = vector + gaussian_noise_like(vector.cpu(), std, self.noise_generator).to(vector)
+            record["noise_std"] = std
+            if self.accountant is None:
+                rate = min(1.0, len(self._sampled) / max(self._num_nodes, 1))
+                self.accountant = PrivacyAccountant(noise_multiplier=privacy.noise_multiplier,
+                                                    sampling_rate=rate, delta=privacy.delta)
+            self.accountant.step()
+            if self.clipper is not None and norms is not None:
+                record["next_clip_norm"] = self.clipper.update(norms)
+        else:
+            for node in record["accepted"]:
+                self.client_participation[node] = self.client_participation.get(node, 0) + 1
+        record["epsilon"] = self.epsilon()
+        return vector
+
+    def epsilon(self) -> float | None:
+        """Privacy spent so far at ``delta``: the server's (central) or the worst client's (client)."""
+        if self.privacy.mode == "central":
+            return self.accountant.epsilon() if self.accountant is not None else 0.0
+        if self.privacy.mode == "client":
+            rounds = max(self.client_participation.values(), default=0)
+            if rounds == 0:
+                return 0.0
+            accountant = PrivacyAccountant(noise_multiplier=self.privacy.noise_multiplier, sampling_rate=1.0,
+                                           delta=self.privacy.delta)
+            accountant.step(rounds)
+            return accountant.epsilon()
+        return None
+
+    def next_round_exceeds_budget(self) -> bool:
+        """True when one more round would spend more than ``target_epsilon``."""
+        target = self.privacy.target_epsilon
+        if self.privacy.mode == "off" or not math.isfinite(target):
+            return False
+        if self.privacy.mode == "central":
+            if self.accountant is None:
+                rate = min(1.0, max(self.min_train_nodes, 1) / max(self._num_nodes, 1)) if self._num_nodes else 1.0
+                probe = PrivacyAccountant(noise_multiplier=self.privacy.noise_multiplier, sampling_rate=rate,
+                                          delta=self.privacy.delta)
+                return probe.epsilon_if_step(1) > target
+            return self.accountant.epsilon_if_step(1) > target
+        rounds = max(self.client_participation.values(), default=0) + 1
+        probe = PrivacyAccountant(noise_multiplier=self.privacy.noise_multiplier, sampling_rate=1.0,
+                                  delta=self.privacy.delta)
+        probe.step(rounds)
+        return probe.epsilon() > target
+
+    def _finish(self, record: dict, scores: torch.Tensor | None, started: float) -> None:
+        record["aggregation_seconds"] = time.perf_counter() - started
+        self.last_record = record
+        self.history.append(record)
+
+    # ------------------------------------------------------------------ checkpoint state
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs besides the model: reputation, rule and DP state, RNG."""
+        state: dict = {
+            "reputation": self.reputation.state_dict(),
+            "noise_generator": self.noise_generator.get_state(),
+            "client_participation": dict(self.client_participation),
+            "history": self.history,
+        }
+        if hasattr(self.rule, "state_dict"):
+            state["rule"] = self.rule.state_dict()
+        if self.clipper is not None:
+            state["clipper"] = self.clipper.state_dict()
+        if self.accountant is not None:
+            state["accountant"] = self.accountant.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what ``state_dict`` saved."""
+        self.reputation.load_state_dict(state["reputation"])
+        self.noise_generator.set_state(state["noise_generator"])
+        self.client_participation = {int(k): int(v) for k, v in state["client_participation"].items()}
+        self.history = list(state["history"])
+        if "rule" in state and hasattr(self.rule, "load_state_dict"):
+            self.rule.load_state_dict(state["rule"])
+        if "clipper" in state and self.clipper is not None:
+            self.clipper.load_state_dict(state["clipper"])
+        if "accountant" in state:
+            self.accountant = PrivacyAccountant(noise_multiplier=self.privacy.noise_multiplier, sampling_rate=1.0,
+                                                delta=self.privacy.delta)
+            self.accountant.load_state_dict(state["accountant"])
+
+
+def result_scores(result, keep: torch.Tensor) -> list[float]:
+    """The rule's per-client scores over all rows (excluded rows get NaN-free 1.0: fully suspicious)."""
+    if bool(keep.all()):
+        return result.scores.tolist()
+    full = torch.ones(len(keep), dtype=torch.float64)
+    full[keep.cpu()] = result.scores.detach().cpu().double()
+    return full.tolist()
+
+
+def _weighted_metric(valid: list[ValidReply], key: str) -> float | None:
+    pairs = [(float(v.metrics[key]), v.num_examples) for v in valid if key in v.metrics]
+    if not pairs:
+        return None
+    total = sum(w for _, w in pairs)
+    return sum(m * w for m, w in pairs) / total
+
+
+def _sha256(tensor: torch.Tensor) -> str:
+    from server.audit import sha256_tensor
+
+    return sha256_tensor(tensor.detach().cpu())
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while len(nodes := sorted(int(n) for n in grid.get_node_ids())) < minimum:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(nodes)} nodes connected after {timeout:.0f} s; need {minimum}")
+        log(INFO, "Waiting for nodes: %d connected (need %d)", len(nodes), minimum)
+        time.sleep(1.0)
+    return nodes
