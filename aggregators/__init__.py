@@ -1,0 +1,22 @@
+"""Phalanx robust aggregation library: pure torch, no Flower.
+
+>>> import aggregators, torch
+>>> rule = aggregators.build("krum", num_byzantine=1)
+>>> out = rule(torch.randn(6, 10))
+>>> out.vector.shape, out.scores.shape, out.selected.shape
+(torch.Size([10]), torch.Size([6]), torch.Size([6]))
+
+Rules are callables ``rule(updates, weights=None) -> AggregationResult`` over an ``(n, d)``
+stack. Optional capabilities a server can probe with ``getattr``: ``sensitivity(clip_norm, n)``,
+``state_dict()`` / ``load_state_dict(d)``, ``needs_trusted_update`` with
+``set_trusted_update(vector)``, and ``uses_weights`` (whether ``weights`` changes the output).
+"""
+
+from aggregators.base import AggregationResult
+from aggregators.registry import available, available_pre, build, register, register_pre
+
+# Importing the rule modules registers their rules.
+from aggregators import coordinatewise as _coordinatewise  # noqa: F401
+from aggregators import krum as _krum  # noqa: F401
+
+__all__ = ["AggregationResult", "available", "available_pre", "build", "register", "register_pre"]

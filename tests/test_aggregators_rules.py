@@ -1,0 +1,184 @@
+"""Each rule on hand-made stacks with known answers, input validation, impossible parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import aggregators
+
+DTYPES = [torch.float32, torch.float64]
+
+
+def stack(rows: list[list[float]], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    return torch.tensor(rows, dtype=dtype)
+
+
+# --- mean -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mean_unweighted_and_weighted(dtype: torch.dtype) -> None:
+    x = stack([[0.0, 2.0], [2.0, 4.0], [4.0, 0.0]], dtype)
+    rule = aggregators.build("mean")
+    out = rule(x)
+    assert out.vector.dtype == dtype
+    assert torch.allclose(out.vector, torch.tensor([2.0, 2.0], dtype=dtype))
+    weighted = rule(x, weights=torch.tensor([1.0, 0.0, 3.0]))
+    assert torch.allclose(weighted.vector, torch.tensor([3.0, 0.5], dtype=dtype))
+    assert weighted.selected.tolist() == [True, False, True]
+    # Scores are distances to the output.
+    assert torch.allclose(out.scores, torch.tensor([2.0, 2.0, 2.0 * 2**0.5], dtype=torch.float64))
+
+
+def test_mean_rejects_bad_weights() -> None:
+    x = torch.zeros(3, 2)
+    rule = aggregators.build("mean")
+    with pytest.raises(ValueError, match=r"mean: weights \[1\] are negative"):
+        rule(x, weights=torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValueError, match="mean: weights must have shape"):
+        rule(x, weights=torch.tensor([1.0, 1.0]))
+    with pytest.raises(ValueError, match="mean: weights sum to zero"):
+        rule(x, weights=torch.zeros(3))
+    with pytest.raises(ValueError, match=r"mean: weights \[2\] are NaN"):
+        rule(x, weights=torch.tensor([1.0, 1.0, float("nan")]))
+
+
+# --- median -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_median_odd_and_even(dtype: torch.dtype) -> None:
+    rule = aggregators.build("median")
+    odd = stack([[1.0, 9.0], [2.0, -5.0], [100.0, 7.0]], dtype)
+    out = rule(odd)
+    assert torch.equal(out.vector, torch.tensor([2.0, 7.0], dtype=dtype))
+    assert out.selected.tolist() == [False, True, True]
+    # Scores: Euclidean distance of each row to the output.
+    assert torch.allclose(out.scores, torch.tensor([(1 + 4) ** 0.5, 12.0, 98.0], dtype=torch.float64))
+    even = stack([[1.0], [2.0], [4.0], [100.0]], dtype)
+    assert torch.equal(rule(even).vector, torch.tensor([3.0], dtype=dtype))
+
+
+def test_median_of_huge_float32_values_does_not_overflow() -> None:
+    big = 3.0e38
+    x = torch.tensor([[big], [big], [-big], [big]], dtype=torch.float32)
+    assert torch.equal(aggregators.build("median")(x).vector, torch.tensor([big], dtype=torch.float32))
+
+
+# --- trimmed mean -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_trimmed_mean_known_answer(dtype: torch.dtype) -> None:
+    x = stack([[1.0, -50.0], [2.0, 1.0], [3.0, 2.0], [4.0, 3.0], [1000.0, 4.0]], dtype)
+    out = aggregators.build("trimmed-mean", num_byzantine=1)(x)
+    assert torch.allclose(out.vector, torch.tensor([3.0, 2.0], dtype=dtype))
+    # Rows 0 and 4 hold an extreme value in both coordinates; rows 1-3 are never trimmed.
+    assert out.scores.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
+    assert out.selected.tolist() == [False, True, True, True, False]
+
+
+def test_trimmed_mean_ignores_huge_attacker_values_exactly() -> None:
+    # Summing the kept values (not total minus extremes) keeps the honest values exact.
+    x = torch.tensor([[1e30], [1.0], [2.0], [3.0], [-1e30]], dtype=torch.float64)
+    assert aggregators.build("trimmed-mean", num_byzantine=1)(x).vector.item() == 2.0
+
+
+def test_trimmed_mean_with_zero_f_is_the_mean() -> None:
+    x = torch.randn(6, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    out = aggregators.build("trimmed-mean", num_byzantine=0)(x)
+    assert torch.allclose(out.vector, x.mean(dim=0))
+    assert out.selected.all() and (out.scores == 0).all()
+
+
+# --- krum / multi-krum ------------------------------------------------------------------------
+
+
+def clustered(n_honest: int, n_bad: int, d: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    honest = 1.0 + 0.01 * torch.randn(n_honest, d, generator=g, dtype=torch.float64)
+    bad = -5.0 + 0.01 * torch.randn(n_bad, d, generator=g, dtype=torch.float64)
+    return torch.cat([honest, bad]).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_krum_picks_the_row_closest_to_its_neighbours(dtype: torch.dtype) -> None:
+    x = stack([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.05, 0.05], [10.0, 10.0]], dtype)
+    out = aggregators.build("krum", num_byzantine=1)(x)
+    # n - f - 2 = 2 neighbours: row 3's two nearest are at squared distance 0.005 each.
+    assert torch.equal(out.vector, x[3])
+    assert out.selected.tolist() == [False, False, False, True, False]
+    assert out.scores[3].item() == pytest.approx(0.01)
+    assert out.scores[0].item() == pytest.approx(0.005 + 0.01)
+    assert int(out.scores.argmax()) == 4
+
+
+def test_multi_krum_averages_the_lowest_scores() -> None:
+    x = clustered(7, 2, 20)
+    out = aggregators.build("multi-krum", num_byzantine=2)(x)
+    assert out.selected.tolist() == [True] * 7 + [False] * 2
+    assert torch.allclose(out.vector, x[:7].mean(dim=0))
+    three = aggregators.build("multi-krum", num_byzantine=2, num_selected=3)(x)
+    assert int(three.selected.sum()) == 3 and not three.selected[7:].any()
+    weighted = aggregators.build("multi-krum", num_byzantine=2)(x, weights=torch.arange(1.0, 10.0))
+    w = torch.arange(1.0, 8.0, dtype=torch.float64)
+    assert torch.allclose(weighted.vector, (w[:, None] * x[:7]).sum(0) / w.sum())
+
+
+def test_multi_krum_num_selected_too_large() -> None:
+    with pytest.raises(ValueError, match="num_selected=9 exceeds n=5"):
+        aggregators.build("multi-krum", num_byzantine=1, num_selected=9)(torch.randn(5, 3))
+
+
+# --- validation shared by all rules -----------------------------------------------------------
+
+ALL_RULES = [name for name in aggregators.available() if name != "fltrust" and not name.startswith("test-")]
+
+
+@pytest.mark.parametrize("name", ALL_RULES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rows_are_rejected_with_indices(name: str, bad: float) -> None:
+    x = torch.randn(12, 4)
+    x[3, 1] = bad
+    x[7, 0] = bad
+    with pytest.raises(ValueError, match=rf"{name}: rows \[3, 7\] contain NaN or Inf"):
+        aggregators.build(name, num_byzantine=1)(x)
+
+
+@pytest.mark.parametrize("name", ALL_RULES)
+def test_shape_and_dtype_are_checked(name: str) -> None:
+    rule = aggregators.build(name, num_byzantine=0)
+    with pytest.raises(ValueError, match=f"{name}: updates must be 2-D"):
+        rule(torch.zeros(5))
+    with pytest.raises(ValueError, match=f"{name}: updates must have n >= 1"):
+        rule(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match=f"{name}: updates must be floating point"):
+        rule(torch.zeros(5, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize(
+    "name, n, f",
+    [("krum", 6, 2), ("multi-krum", 4, 1), ("trimmed-mean", 4, 2), ("bulyan", 10, 2), ("meamed", 2, 1)],
+)
+def test_impossible_parameters_name_rule_n_and_f(name: str, n: int, f: int) -> None:
+    rule = aggregators.build(name, num_byzantine=f)
+    with pytest.raises(ValueError, match=rf"{name}: needs .*n={n}, f={f}"):
+        rule(torch.randn(n, 3))
+
+
+@pytest.mark.parametrize("name, n, f", [("krum", 7, 2), ("multi-krum", 5, 1), ("trimmed-mean", 5, 2), ("bulyan", 11, 2)])
+def test_smallest_possible_n_is_accepted(name: str, n: int, f: int) -> None:
+    out = aggregators.build(name, num_byzantine=f)(torch.randn(n, 3))
+    assert out.vector.shape == (3,)
+
+
+@pytest.mark.parametrize("name", ALL_RULES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_output_keeps_dtype_and_shapes(name: str, dtype: torch.dtype) -> None:
+    x = clustered(9, 2, 8, dtype=dtype)
+    out = aggregators.build(name, num_byzantine=2)(x)
+    assert out.vector.dtype == dtype and out.vector.shape == (8,)
+    assert out.scores.dtype == torch.float64 and out.scores.shape == (11,)
+    assert out.selected.dtype == torch.bool and out.selected.shape == (11,)
+    assert bool(out.selected.any())
