@@ -18,5 +18,6 @@ from aggregators.registry import available, available_pre, build, register, regi
 # Importing the rule modules registers their rules.
 from aggregators import coordinatewise as _coordinatewise  # noqa: F401
 from aggregators import krum as _krum  # noqa: F401
+from aggregators import pre as _pre  # noqa: F401
 
 __all__ = ["AggregationResult", "available", "available_pre", "build", "register", "register_pre"]
