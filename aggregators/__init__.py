@@ -18,6 +18,10 @@ from aggregators.registry import available, available_pre, build, register, regi
 # Importing the rule modules registers their rules.
 from aggregators import coordinatewise as _coordinatewise  # noqa: F401
 from aggregators import krum as _krum  # noqa: F401
+from aggregators import geometric as _geometric  # noqa: F401
+from aggregators import dnc as _dnc  # noqa: F401
+from aggregators import fltrust as _fltrust  # noqa: F401
+from aggregators import sign_majority as _sign_majority  # noqa: F401
 from aggregators import pre as _pre  # noqa: F401
 
 __all__ = ["AggregationResult", "available", "available_pre", "build", "register", "register_pre"]
