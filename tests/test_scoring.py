@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from server.reputation import Reputation
 from server.scoring import (
     DEFAULT_Z_HALF,
     ClientScores,
@@ -301,3 +303,114 @@ def test_read_scores_csv_names_the_bad_cell(tmp_path):
     path.write_text("round,node_id,combined\n1,5,0.3\n2,5,high\n")
     with pytest.raises(ValueError, match=r"scores.csv:3: column 'combined' holds 'high'"):
         read_scores_csv(path)
+
+
+# ------------------------------------------------------------------------------------ reputation
+# (Reputation's tests live here: reputation is the across-rounds half of client scoring.)
+def test_reputation_is_an_exponential_moving_average_from_zero():
+    rep = Reputation("flag", decay=0.5)
+    rep.observe(1, [11, 12], [0.1, 0.9])
+    assert rep.reputations == pytest.approx({11: 0.05, 12: 0.45})
+    rep.observe(2, [12], [0.3])  # node 11 absent: unchanged
+    assert rep.reputations == pytest.approx({11: 0.05, 12: 0.375})
+    rep.observe(3, [11, 12], torch.tensor([1.0, 0.0], dtype=torch.float64))
+    assert rep.reputations == pytest.approx({11: 0.525, 12: 0.1875})
+    no_memory = Reputation(decay=0.0)
+    no_memory.observe(1, [1], [0.7])
+    no_memory.observe(2, [1], [0.2])
+    assert no_memory.reputations == pytest.approx({1: 0.2})
+
+
+def test_flags_on_round_score_or_on_reputation():
+    rep = Reputation("flag", decay=0.5, threshold=0.5)
+    assert rep.observe(1, [1, 2, 3], [0.5, 0.49, 0.0]) == [1]  # score at threshold flags
+    assert rep.observe(2, [1, 2, 3], [0.0, 0.49, 0.0]) == []  # reputation 1: 0.25, 2: 0.3675
+    assert rep.observe(3, [1, 2, 3], [0.0, 0.49, 0.0]) == []  # 2: 0.42875
+    # Node 2 never crosses in one round, but keeps scoring high: its reputation gets there.
+    rep2 = Reputation("flag", decay=0.5, threshold=0.5)
+    for r in range(1, 4):
+        rep2.observe(r, [2], [1.0])
+    assert rep2.observe(4, [2], [0.2]) == [2]  # 0.5 * 0.875 + 0.1 = 0.5375
+    assert rep2.flag_counts == {2: 4}
+    assert rep.flag_counts == {1: 1}
+
+
+def test_quarantine_after_m_flags_for_k_rounds_then_released():
+    rep = Reputation("quarantine", quarantine_after=2, quarantine_rounds=3)
+    rep.observe(1, [7, 8], [0.9, 0.0])
+    assert not rep.is_quarantined(7, 1) and rep.excluded(1, [7, 8], [0.9, 0.0]) == set()  # first flag tolerated
+    rep.observe(2, [7, 8], [0.9, 0.0])  # second flag: quarantined from this round
+    assert rep.excluded(2, [7, 8], [0.9, 0.0]) == {7}  # this round's update is dropped
+    assert [rep.is_quarantined(7, r) for r in range(2, 7)] == [True, True, True, True, False]
+    assert not any(rep.is_quarantined(8, r) for r in range(1, 7))
+    assert rep.quarantines == {7: (2, 5)}
+    # Released with a clean slate of strikes: one more flag is tolerated again.
+    rep.observe(6, [7, 8], [0.9, 0.0])
+    assert not rep.is_quarantined(7, 7)
+    rep.observe(7, [7, 8], [0.9, 0.0])
+    assert rep.is_quarantined(7, 8) and rep.flag_counts == {7: 4}
+
+
+def test_exclude_drops_this_rounds_flagged_nodes_only():
+    rep = Reputation("exclude", threshold=0.5)
+    flagged = rep.observe(1, [1, 2, 3], [0.2, 0.95, 0.1])
+    assert rep.excluded(1, [1, 2, 3], [0.2, 0.95, 0.1]) == set(flagged) == {2}
+    # Next round node 2 looks clean and its reputation (0.2375) is below threshold: kept.
+    rep.observe(2, [1, 2, 3], [0.0, 0.0, 0.0])
+    assert rep.excluded(2, [1, 2, 3], [0.0, 0.0, 0.0]) == set()
+    assert not rep.is_quarantined(2, 2)
+
+
+@pytest.mark.parametrize("policy", ["flag", "trust-weighted"])
+def test_flag_and_trust_weighted_policies_drop_nothing(policy):
+    rep = Reputation(policy, quarantine_after=1)
+    rep.observe(1, [1, 2], [1.0, 1.0])
+    assert rep.excluded(1, [1, 2], [1.0, 1.0]) == set()
+    assert not rep.is_quarantined(1, 2)
+
+
+def test_trust_weights_are_one_minus_reputation_and_one_for_strangers():
+    rep = Reputation("trust-weighted", decay=0.5)
+    rep.observe(1, [1, 2], [0.8, 0.0])
+    weights = rep.trust_weights([2, 1, 99])
+    assert weights.dtype == torch.float64
+    assert weights.tolist() == pytest.approx([1.0, 0.6, 1.0])
+
+
+def test_reputation_state_roundtrips_through_json():
+    rep = Reputation("quarantine", decay=0.3, quarantine_after=1, quarantine_rounds=2)
+    rep.observe(1, [10, 20], [0.9, 0.1])
+    rep.observe(2, [20, 30], [0.6, 0.0])
+    restored = Reputation("quarantine", decay=0.3, quarantine_after=1, quarantine_rounds=2)
+    restored.load_state_dict(json.loads(json.dumps(rep.state_dict())))
+    assert restored.reputations == rep.reputations and restored.flag_counts == rep.flag_counts
+    assert restored.quarantines == rep.quarantines == {10: (1, 3), 20: (2, 4)}
+    # The restored object behaves the same from here on.
+    assert restored.observe(5, [10, 20], [0.0, 0.7]) == rep.observe(5, [10, 20], [0.0, 0.7])
+    assert restored.state_dict() == rep.state_dict()
+    with pytest.raises(ValueError, match="round 4 observed after round 5"):
+        restored.observe(4, [10], [0.0])
+
+
+def test_reputation_rejects_bad_settings_and_input():
+    with pytest.raises(ValueError, match="policy must be one of"):
+        Reputation("ban")
+    with pytest.raises(ValueError, match="decay"):
+        Reputation(decay=1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        Reputation(threshold=0.0)
+    with pytest.raises(ValueError, match="quarantine_after"):
+        Reputation(quarantine_after=0)
+    rep = Reputation()
+    with pytest.raises(ValueError, match="2 node ids but 1 scores"):
+        rep.observe(1, [1, 2], [0.5])
+    with pytest.raises(ValueError, match="node 2 must be in \\[0, 1\\], got nan"):
+        rep.observe(1, [1, 2], [0.5, math.nan])
+    with pytest.raises(ValueError, match=r"duplicate node ids \[1\]"):
+        rep.observe(1, [1, 1], [0.5, 0.5])
+    with pytest.raises(ValueError, match="format"):
+        rep.load_state_dict({"reputation": {}})
+    broken = Reputation().state_dict()
+    broken["reputation"] = {"5": 1.5}
+    with pytest.raises(ValueError, match=r"nodes \[5\] not in \[0, 1\]"):
+        rep.load_state_dict(broken)
