@@ -1,0 +1,129 @@
+"""TrainingMonitor: robust band alerts on the central evaluation curve."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from server.monitor import TrainingMonitor
+
+
+def feed(monitor: TrainingMonitor, losses, accuracies=None) -> dict[int, list[str]]:
+    """Observe rounds 1..n; return the rounds that alerted with their messages."""
+    accuracies = accuracies or [None] * len(losses)
+    fired = {}
+    for r, (loss, acc) in enumerate(zip(losses, accuracies), start=1):
+        messages = monitor.observe(r, loss, acc)
+        if messages:
+            fired[r] = messages
+    return fired
+
+
+def test_loss_jump_alerts_in_exactly_that_round():
+    steady = [0.50, 0.48, 0.51, 0.49, 0.50, 0.52, 0.49]
+    losses = steady + [2.3] + [0.50, 0.49, 0.51]
+    monitor = TrainingMonitor(window=5, k=4.0, min_history=3)
+    fired = feed(monitor, losses)
+    assert list(fired) == [8]
+    alert = monitor.alerts[0]
+    assert (alert["round"], alert["metric"], alert["value"]) == (8, "loss", 2.3)
+    low, high = alert["band"]
+    assert low < 0.5 < high < 2.3
+    assert "round 8" in fired[8][0] and "loss" in fired[8][0]
+
+
+def test_band_is_median_plus_k_robust_sd():
+    monitor = TrainingMonitor(window=5, k=4.0, min_history=3)
+    feed(monitor, [1.0, 1.2, 1.1, 0.9, 1.0])
+    # median 1.0, |x - 1| = 0, .2, .1, .1, 0 -> MAD 0.1 -> scale 0.14826
+    low, high = monitor.band("loss")
+    assert (low, high) == pytest.approx((1.0 - 4 * 0.14826, 1.0 + 4 * 0.14826))
+    just_inside = TrainingMonitor(window=5, k=4.0, min_history=3)
+    feed(just_inside, [1.0, 1.2, 1.1, 0.9, 1.0])
+    assert just_inside.observe(6, high - 1e-9, None) == []
+    assert monitor.observe(6, high + 1e-9, None) != []
+
+
+def test_smoothly_decreasing_loss_and_rising_accuracy_never_alert():
+    losses = [2.0 * math.exp(-0.3 * r) + 0.1 for r in range(30)]
+    accuracies = [0.95 - 0.85 * math.exp(-0.3 * r) for r in range(30)]
+    monitor = TrainingMonitor()
+    assert feed(monitor, losses, accuracies) == {}
+    assert monitor.alerts == []
+
+
+def test_accuracy_drop_alerts_and_the_history_is_robust_to_it():
+    accuracies = [0.90, 0.91, 0.90, 0.92, 0.91, 0.40, 0.91, 0.92]
+    losses = [0.3, 0.29, 0.3, 0.28, 0.29, 0.29, 0.28, 0.28]
+    monitor = TrainingMonitor()
+    fired = feed(monitor, losses, accuracies)
+    assert list(fired) == [6]
+    assert monitor.alerts[0]["metric"] == "accuracy"
+
+
+def test_flat_curve_uses_the_floor_not_a_zero_width_band():
+    monitor = TrainingMonitor(window=5, k=4.0, min_history=3)
+    feed(monitor, [0.5] * 5, [0.8] * 5)
+    # MAD 0: loss scale 2% of 0.5, accuracy scale 0.01.
+    assert monitor.band("loss") == pytest.approx((0.5 - 0.04, 0.5 + 0.04))
+    assert monitor.band("accuracy") == pytest.approx((0.76, 0.84))
+    assert monitor.observe(6, 0.53, 0.77) == []
+    assert len(monitor.observe(7, 0.55, 0.75)) == 2
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_non_finite_loss_alerts_even_without_history(bad):
+    monitor = TrainingMonitor()
+    messages = monitor.observe(1, bad, 0.1)
+    assert len(messages) == 1 and str(bad) in messages[0]
+    assert monitor.alerts[0]["value"] is None and monitor.alerts[0]["band"] is None
+    # It stays out of the history, so the band is not poisoned by it.
+    assert monitor.history == [{"round": 1, "loss": None, "accuracy": 0.1}]
+    json.dumps(monitor.alerts, allow_nan=False)
+
+
+def test_no_alert_before_min_history():
+    monitor = TrainingMonitor(min_history=3)
+    assert feed(monitor, [0.1, 5.0, 0.1]) == {}  # only 0-2 values of history each time
+    assert monitor.band("loss") is not None
+
+
+def test_step_up_keeps_alerting_until_it_is_the_new_normal():
+    monitor = TrainingMonitor(window=5, k=4.0, min_history=3)
+    fired = feed(monitor, [0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.0, 1.0])
+    assert list(fired) == [6, 7, 8]  # from round 9 three of the last five are 1.0
+
+
+def test_missing_metric_is_not_checked():
+    monitor = TrainingMonitor()
+    assert feed(monitor, [0.5, 0.5, 0.5, None]) == {}
+    assert monitor.history[-1] == {"round": 4, "loss": None, "accuracy": None}
+
+
+def test_state_roundtrips_through_json_and_continues_identically():
+    losses = [0.5, 0.48, 0.51, math.nan, 0.49, 2.0]
+    monitor = TrainingMonitor()
+    feed(monitor, losses, [0.8] * len(losses))
+    restored = TrainingMonitor()
+    restored.load_state_dict(json.loads(json.dumps(monitor.state_dict(), allow_nan=False)))
+    assert restored.alerts == monitor.alerts and restored.history == monitor.history
+    assert restored.observe(7, 3.0, 0.5) == monitor.observe(7, 3.0, 0.5)
+
+
+def test_bad_settings_and_rounds_are_named():
+    with pytest.raises(ValueError, match="window"):
+        TrainingMonitor(window=0)
+    with pytest.raises(ValueError, match="min_history"):
+        TrainingMonitor(window=3, min_history=4)
+    with pytest.raises(ValueError, match="k must be"):
+        TrainingMonitor(k=0)
+    monitor = TrainingMonitor()
+    monitor.observe(3, 0.5, 0.5)
+    with pytest.raises(ValueError, match="round 3 observed after round 3"):
+        monitor.observe(3, 0.5, 0.5)
+    with pytest.raises(ValueError, match="metric"):
+        monitor.band("f1")
+    with pytest.raises(ValueError, match="format"):
+        monitor.load_state_dict({})
