@@ -205,10 +205,13 @@ class CorruptedSource(DataPoisoningAttack):
     Unlike the other attacks, no client is malicious: the honest clients' own data pipeline
     (a compromised dataset mirror, a faulty labelling service) delivers corrupted rows, and the
     clients train on them in good faith (``targets_honest = True``: the ClientApp applies this
-    attack's ``poison_data`` at the honest clients). It models the data-source threat of
-    supply-chain poisoning (Carlini et al., "Poisoning Web-Scale Training Datasets is
-    Practical", IEEE S&P 2024). Exactly ``round(fraction * N)`` random rows are corrupted;
-    ``poison_data_indexed`` (alias ``corrupt``) returns their indices.
+    attack's ``poison_data`` at the honest clients). Exactly ``round(fraction * N)`` random rows
+    are corrupted; ``poison_data_indexed`` (alias ``corrupt``) returns their indices.
+
+    Threat model: the adversary controls the data source, not any client: it cannot see or
+    change updates and knows nothing of the rule; every client is honest, so robust aggregation
+    sees no outliers to reject. This is the supply-chain poisoning of Carlini et al., "Poisoning
+    Web-Scale Training Datasets is Practical", IEEE S&P 2024.
 
     Parameters
     ----------
