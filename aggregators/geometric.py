@@ -41,8 +41,9 @@ class GeometricMedian:
 
     Minimises ``sum_i w_i ||v - x_i||`` starting from the weighted mean; each step is the
     weighted mean with weights ``w_i / max(eps, ||v - x_i||)``. Stops after ``max_iter`` steps or
-    when the objective improves by less than ``tol`` (relative). Uses ``weights`` (uniform by
-    default). Tolerates any f < n/2; takes no f.
+    when the objective improves by less than ``tol`` (relative); then the row nearest the iterate
+    is returned instead if its objective is lower (Weiszfeld converges sublinearly when the
+    minimiser is a row). Uses ``weights`` (uniform by default). Tolerates any f < n/2; takes no f.
 
     Scores: Euclidean distance of each row to the output. ``selected``: rows with positive
     weight (all of them contribute to the Weiszfeld average).
@@ -99,6 +100,14 @@ class GeometricMedian:
             centre, distances, objective = candidate, new_distances, new_objective
             if improvement <= self.tol * max(objective, 1e-300):
                 break
+        # When the minimiser is a row (a majority of identical or near-identical rows, or a
+        # heavy weight), Weiszfeld only creeps towards it; evaluate the row nearest the iterate
+        # and keep it if it is better by more than rounding (on a flat optimum, e.g. an even
+        # number of collinear rows, switching on rounding noise would depend on the row order).
+        nearest = int(distances.argmin())
+        row_distances = sq_distances_to(updates, updates[nearest], self.max_chunk_bytes).sqrt()
+        if float((alpha * row_distances).sum()) < objective * (1 - 1e-12):
+            centre, distances = updates[nearest].to(torch.float64), row_distances
         return AggregationResult(centre.to(updates.dtype), distances, alpha > 0)
 
     def sensitivity(self, clip_norm: float, n: int) -> float:

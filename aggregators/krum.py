@@ -45,6 +45,19 @@ def krum_scores(sq_dist: Tensor, num_neighbours: int) -> Tensor:
     return torch.topk(others, num_neighbours, dim=1, largest=False).values.sum(dim=1)
 
 
+def rank_by_krum(scores: Tensor, sq_dist: Tensor) -> Tensor:
+    """Row indices from best (lowest Krum score) to worst, ties broken by the order-free
+    secondary key "sum of squared distances to all rows".
+
+    Exact ties are common, not pathological: with one neighbour (Krum at f=0, n=3; Bulyan's last
+    iterations) two mutual nearest neighbours have the same score. Breaking them by row index
+    would make the output depend on the clients' order; the total distance breaks them by
+    geometry. Only rows equal in both keys (e.g. duplicates) fall back to index order.
+    """
+    order = torch.argsort(sq_dist.sum(dim=1), stable=True)
+    return order[torch.argsort(scores[order], stable=True)]
+
+
 def _check_krum(rule: str, n: int, f: int) -> None:
     if n <= 2 * f + 2:
         raise impossible(rule, n, f, "n > 2f + 2")
@@ -57,7 +70,8 @@ class Krum:
     Requires n > 2f + 2 (checked at call time). Ignores ``weights``.
 
     Scores: the Krum score (sum of squared distances to the n - f - 2 nearest other rows).
-    ``selected``: only the chosen row (the lowest index among exact ties).
+    ``selected``: only the chosen row (exact score ties go to the row with the smaller sum of
+    distances to all rows, see :func:`rank_by_krum`).
 
     Parameters
     ----------
@@ -78,8 +92,9 @@ class Krum:
         n, _ = updates.shape
         f = self.num_byzantine
         _check_krum("krum", n, f)
-        scores = krum_scores(pairwise_sq_distances(updates, self.max_chunk_bytes), n - f - 2)
-        best = int(scores.argmin())
+        sq_dist = pairwise_sq_distances(updates, self.max_chunk_bytes)
+        scores = krum_scores(sq_dist, n - f - 2)
+        best = int(rank_by_krum(scores, sq_dist)[0])
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
         selected[best] = True
         return AggregationResult(updates[best].clone(), scores, selected)
@@ -136,8 +151,9 @@ class MultiKrum:
         m = n - f if self.num_selected is None else self.num_selected
         if m > n:
             raise ValueError(f"multi-krum: num_selected={m} exceeds n={n} (f={f})")
-        scores = krum_scores(pairwise_sq_distances(updates, self.max_chunk_bytes), n - f - 2)
-        chosen = torch.topk(scores, m, largest=False).indices
+        sq_dist = pairwise_sq_distances(updates, self.max_chunk_bytes)
+        scores = krum_scores(sq_dist, n - f - 2)
+        chosen = rank_by_krum(scores, sq_dist)[:m]
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
         selected[chosen] = True
         coeffs = selected.to(torch.float64) if w is None else w * selected
@@ -200,7 +216,7 @@ class Bulyan:
         for _ in range(theta):  # a loop over rows, not coordinates
             sub = sq_dist[remaining][:, remaining]
             scores = krum_scores(sub, max(1, len(remaining) - f - 2))
-            chosen.append(remaining.pop(int(scores.argmin())))
+            chosen.append(remaining.pop(int(rank_by_krum(scores, sub)[0])))
         index = torch.tensor(chosen, device=updates.device)
         vector, excluded, kept = mean_around_median(updates[index], beta, self.max_chunk_bytes)
         fraction = torch.ones(n, dtype=torch.float64, device=updates.device)
