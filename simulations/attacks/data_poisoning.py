@@ -8,7 +8,7 @@ place.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,6 +24,9 @@ from simulations.attacks.base import (
 )
 from simulations.attacks.registry import register
 from simulations.attacks.triggers import Trigger
+
+#: ``(H, W)`` of image data, None for plain feature vectors.
+ImageShape = Optional[Tuple[int, int]]
 
 
 class DataPoisoningAttack(Attack):
@@ -104,7 +107,8 @@ class LabelFlip(DataPoisoningAttack):
             return (num_classes - 1 - np.asarray(y)).astype(np.int64)
         return np.full(len(y), self.target, dtype=np.int64)
 
-    def poison_data_indexed(self, x, y, *, num_classes, image_shape, rng):
+    def poison_data_indexed(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, image_shape: ImageShape,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         check_dataset(self.name, x, y, num_classes)
         if self.target is not None:
             check_class(self.name, "target", self.target, num_classes)
@@ -134,7 +138,8 @@ class TargetedLabelFlip(DataPoisoningAttack):
         if self.source == self.target:
             raise ValueError(f"{self.name}: source and target must differ, both are {self.source}")
 
-    def poison_data_indexed(self, x, y, *, num_classes, image_shape, rng):
+    def poison_data_indexed(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, image_shape: ImageShape,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         check_dataset(self.name, x, y, num_classes)
         check_class(self.name, "source", self.source, num_classes)
         check_class(self.name, "target", self.target, num_classes)
@@ -180,7 +185,8 @@ class Backdoor(DataPoisoningAttack):
         self.trigger = Trigger(as_int(self.name, "size", size, minimum=1), as_float(self.name, "value", value))
         self.boost = as_float(self.name, "boost", boost, positive=True)
 
-    def poison_data_indexed(self, x, y, *, num_classes, image_shape, rng):
+    def poison_data_indexed(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, image_shape: ImageShape,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         check_dataset(self.name, x, y, num_classes)
         check_class(self.name, "target", self.target, num_classes)
         rows = _sample_rows(len(y), self.fraction, rng)
@@ -193,7 +199,8 @@ class Backdoor(DataPoisoningAttack):
         """Model replacement: ``boost * update`` (the identity for ``boost = 1``)."""
         return update if self.boost == 1.0 else update * self.boost
 
-    def triggered_testset(self, x, y, *, image_shape):
+    def triggered_testset(self, x: np.ndarray, y: np.ndarray, *,
+                          image_shape: ImageShape) -> tuple[np.ndarray, np.ndarray] | None:
         """Test rows whose class is not ``target``, with the trigger, labelled ``target``."""
         return _triggered_testset(self.trigger, self.target, x, y, image_shape, self.name)
 
@@ -236,7 +243,8 @@ class CorruptedSource(DataPoisoningAttack):
         self.target = as_int(self.name, "target", target, minimum=0)
         self.trigger = Trigger(as_int(self.name, "size", size, minimum=1), as_float(self.name, "value", value))
 
-    def poison_data_indexed(self, x, y, *, num_classes, image_shape, rng):
+    def poison_data_indexed(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, image_shape: ImageShape,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         check_dataset(self.name, x, y, num_classes)
         rows = _sample_rows(len(y), self.fraction, rng)
         y_out = np.array(y, dtype=np.int64, copy=True)
@@ -252,7 +260,8 @@ class CorruptedSource(DataPoisoningAttack):
         """Same as :meth:`poison_data_indexed`: corrupted copies and the corrupted row indices."""
         return self.poison_data_indexed(x, y, **kwargs)
 
-    def triggered_testset(self, x, y, *, image_shape):
+    def triggered_testset(self, x: np.ndarray, y: np.ndarray, *,
+                          image_shape: ImageShape) -> tuple[np.ndarray, np.ndarray] | None:
         """In ``"trigger"`` mode, the triggered test set (as for ``backdoor``); else None."""
         if self.mode != "trigger":
             return None

@@ -128,7 +128,7 @@ class MinMax(_GammaSearch):
         Relative width of the final bisection bracket (default 1e-5).
     """
 
-    def _feasible(self, a, b, c, pairwise_sq):
+    def _feasible(self, a: torch.Tensor, b: torch.Tensor, c: float, pairwise_sq: torch.Tensor) -> Callable[[float], bool]:
         threshold = float(pairwise_sq.max())
         return lambda gamma: float((a + 2.0 * gamma * b + gamma * gamma * c).max()) <= threshold
 
@@ -141,7 +141,7 @@ class MinSum(_GammaSearch):
     Threat model and parameters as for ``min-max`` (Shejwalkar and Houmansadr, NDSS 2021).
     """
 
-    def _feasible(self, a, b, c, pairwise_sq):
+    def _feasible(self, a: torch.Tensor, b: torch.Tensor, c: float, pairwise_sq: torch.Tensor) -> Callable[[float], bool]:
         threshold = float(pairwise_sq.sum(dim=1).max())
         total_a, total_b, count = float(a.sum()), float(b.sum()), a.numel()
         return lambda gamma: total_a + 2.0 * gamma * total_b + count * gamma * gamma * c <= threshold
