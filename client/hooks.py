@@ -36,9 +36,12 @@ class AttackRole:
 
     @property
     def transforms_data(self) -> bool:
-        """Poison (or corrupt) this client's training data before it trains."""
-        if getattr(self.attack, "targets_honest", False):
-            return not self.malicious
+        """Poison this client's training data before it trains.
+
+        For attacks on honest clients' data sources (``targets_honest``, e.g.
+        ``corrupted-source``) the chosen partitions are those whose source is corrupted: the
+        clients themselves stay honest.
+        """
         return self.malicious
 
     @property

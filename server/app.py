@@ -6,7 +6,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 
@@ -115,14 +115,16 @@ def run_server(grid: Grid, settings: RunSettings) -> dict:
     rounds: list[dict] = []
     first_round = 1
     checkpoint = load_checkpoint(files.checkpoint) if settings.resume else None
-    audit = AuditLog(files.audit, resume=checkpoint is not None)
-    if checkpoint is not None:
+    if checkpoint is None:
+        audit = AuditLog(files.audit)
+    else:
+        # Records written after the checkpoint (a round that did not finish saving) are dropped.
+        audit = AuditLog.open_at(files.audit, length=checkpoint["audit_length"], head=checkpoint["audit_head"])
         if checkpoint["config_hash"] != settings.config_hash():
             raise ValueError(f"{files.checkpoint} was written by a run with other settings; cannot resume it")
         arrays = vector_to_arrays(checkpoint["global"], spec)
         strategy.load_state_dict(checkpoint["strategy"])
         monitor.load_state_dict(checkpoint["monitor"])
-        audit.truncate_to(checkpoint["audit_length"], checkpoint["audit_head"])
         rounds = checkpoint["rounds"]
         first_round = checkpoint["round"] + 1
         log(INFO, "Resuming from %s after round %d", files.checkpoint, checkpoint["round"])

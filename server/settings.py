@@ -30,7 +30,7 @@ class RunSettings:
     num_clients: int = 10
     num_malicious: int = 2
     attack: str = "sign-flip"
-    attack_params: str = "scale=10"
+    attack_params: str = ""
     aggregator: str = "trimmed-mean"
     num_byzantine: int = 2
     pre_aggregation: str = ""

@@ -194,6 +194,17 @@ class RobustStrategy(Strategy):
     ) -> Iterable[Message]:
         """Sample clients (seeded, skipping quarantined ones) and send them the global model."""
         nodes = _wait_for_nodes(grid, max(self.min_available_nodes, self.min_train_nodes))
+        return self.prepare_round(server_round, arrays, config, nodes)
+
+    def prepare_round(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, nodes: Iterable[int]
+    ) -> list[Message]:
+        """Sample among ``nodes`` and build the train messages (``configure_train`` without a Grid).
+
+        The sample depends only on the seed, the round and the sorted node ids, so a rerun
+        with the same nodes samples the same clients.
+        """
+        nodes = sorted(int(n) for n in nodes)
         self._num_nodes = len(nodes)
         eligible = [n for n in nodes if not self.reputation.is_quarantined(n, server_round)]
         size = min(len(eligible), max(self.min_train_nodes, int(round(self.fraction_train * len(nodes)))))
@@ -310,7 +321,8 @@ class RobustStrategy(Strategy):
                 rejected[node_id] = outcome
             else:
                 valid.append(outcome)
-        return valid, rejected
+        # Arrival order must not change the result (float sums depend on row order).
+        return sorted(valid, key=lambda v: v.node_id), rejected
 
     def _robust_aggregate(
         self, server_round: int, updates: torch.Tensor, weights: torch.Tensor, node_ids: list[int], record: dict
@@ -344,7 +356,8 @@ class RobustStrategy(Strategy):
     def _call_rule(self, updates: torch.Tensor, weights: torch.Tensor):
         if getattr(self.rule, "needs_trusted_update", False) and getattr(self, "trusted_update_fn", None):
             self.rule.set_trusted_update(self.trusted_update_fn(self._global).to(updates))
-        return self.rule(updates, weights=weights)
+        # Central DP's sensitivity bounds hold for the unweighted rule only.
+        return self.rule(updates, weights=None if self.privacy.mode == "central" else weights)
 
     def _clip_norm(self) -> float:
         return self.clipper.clip_norm if self.clipper is not None else self.privacy.clip_norm
@@ -355,7 +368,7 @@ class RobustStrategy(Strategy):
         if privacy.mode == "central":
             sigma = privacy.noise_multiplier
             if self.clipper is not None:
-                sigma = self.clipper.effective_noise_multiplier(sigma)
+                sigma = self.clipper.effective_noise_multiplier(sigma, num_clients=int(keep.sum()))
             std = central_noise_std(self.rule, clip_norm=self._clip_norm(), num_clients=int(keep.sum()),
                                     noise_multiplier=sigma)
             vector = vector + gaussian_noise_like(vector.cpu(), std, self.noise_generator).to(vector)
@@ -438,9 +451,11 @@ class RobustStrategy(Strategy):
         if "clipper" in state and self.clipper is not None:
             self.clipper.load_state_dict(state["clipper"])
         if "accountant" in state:
-            self.accountant = PrivacyAccountant(noise_multiplier=self.privacy.noise_multiplier, sampling_rate=1.0,
-                                                delta=self.privacy.delta)
-            self.accountant.load_state_dict(state["accountant"])
+            saved = state["accountant"]
+            self.accountant = PrivacyAccountant(noise_multiplier=saved["noise_multiplier"],
+                                                sampling_rate=saved["sampling_rate"], delta=saved["delta"],
+                                                accountant=saved["accountant"])
+            self.accountant.load_state_dict(saved)
 
 
 def result_scores(result, keep: torch.Tensor) -> list[float]:
