@@ -40,3 +40,15 @@ class FirstRow:
         selected = torch.zeros(updates.shape[0], dtype=torch.bool)
         selected[0] = True
         return AggregationResult(updates[0].clone(), (~selected).to(torch.float64), selected)
+
+
+class ShrinkRows:
+    """A pre-aggregation step (``"custom_rule_example:ShrinkRows:factor=0.5"``): scales every row,
+    returning the new stack and its diagonal mixing matrix."""
+
+    def __init__(self, factor: float = 0.5) -> None:
+        self.factor = factor
+
+    def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+        n = updates.shape[0]
+        return updates * self.factor, torch.eye(n, dtype=torch.float64) * self.factor
