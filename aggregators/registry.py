@@ -164,7 +164,7 @@ def build_pre_step(spec: Union[str, Callable[..., Any]], num_byzantine: int) -> 
     head = head.strip()
     if head in _PRE:
         return instantiate(f"pre-aggregation {head!r}", _PRE[head], num_byzantine, parse_params(tail, head))
-    if tail and "=" not in tail.split(",")[0]:
+    if tail and "=" not in tail.partition(":")[0]:
         # "pkg.module:Name" or "pkg.module:Name:key=value"
         name_part, _, param_text = tail.partition(":")
         factory = import_object(f"{head}:{name_part}")
