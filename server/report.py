@@ -31,7 +31,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from server.scoring import FEATURES, RAW_FEATURES, read_scores_csv
+from server.scoring import DEFAULT_Z_HALF, FEATURES, RAW_FEATURES, read_scores_csv
 
 SUMMARY_FILE = "summary.json"
 SCORES_FILE = "scores.csv"
@@ -368,7 +368,7 @@ def flagged_table(data: RunData) -> str:
 
 
 def _z_class(value) -> str:
-    return ' class="hot"' if isinstance(value, float) and value >= 4.5 else ""
+    return ' class="hot"' if isinstance(value, float) and value >= DEFAULT_Z_HALF else ""
 
 
 def overview_table(summary: dict) -> str:
@@ -429,9 +429,9 @@ def render_html(summary: dict, data: RunData, title: str) -> str:
 
     sections.append(f'<section id="overview"><h2>Overview</h2>{overview_table(summary)}</section>')
     figure_section("heatmap", "Anomaly scores", heatmap_figure(data), "clients by rounds anomaly-score heatmap",
-                   "Combined score in [0, 1] per client and round: 0.5 means some feature (update norm, cosine "
-                   "or distance to the aggregate, the rule's score) was 4.5 robust standard deviations from the "
-                   "round's median.", "No anomaly scores were recorded.")
+                   "Combined score in [0, 1] per client and round: 0.5 means some feature (update norm, "
+                   "cosine or distance to the aggregate, the rule's score) was "
+                   f"{DEFAULT_Z_HALF:g} robust standard deviations from the round's median.", "No anomaly scores were recorded.")
     figure_section("reputation", "Reputation", reputation_figure(data, threshold), "reputation per node",
                    "Exponential moving average of each node's anomaly score; a node is flagged when its score "
                    "or its reputation reaches the threshold.", "No reputations were recorded.")
@@ -441,7 +441,8 @@ def render_html(summary: dict, data: RunData, title: str) -> str:
     sections.append(f'<section id="alerts"><h2>Monitor alerts</h2>{alerts_list(data.alerts)}</section>')
     sections.append(f'<section id="flagged"><h2>Flagged and rejected clients</h2>'
                     f'<p class="note">Feature z-scores at the client\'s worst flagged round (positive = the '
-                    f"suspicious direction; norm is two-sided); shaded at 4.5 or more.</p>{flagged_table(data)}"
+                    f"suspicious direction; norm is two-sided); shaded at {DEFAULT_Z_HALF:g} or more.</p>"
+                    f"{flagged_table(data)}"
                     "</section>")
     sections.append(f'<section id="config"><h2>Configuration</h2>{config_table(config)}</section>')
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -110,9 +110,10 @@ class Reputation:
     def observe(self, server_round: int, node_ids: list[int], combined: list[float] | torch.Tensor) -> list[int]:
         """Fold one round's combined scores into the reputations; return the nodes flagged.
 
-        Also counts the flags and, under every policy (so that ``is_quarantined`` is
-        informative), starts a node's quarantine when its flags since release reach
-        ``quarantine_after``; only the ``quarantine`` policy acts on it.
+        Also counts the flags and records a quarantine when a node's flags since its last
+        release reach ``quarantine_after``. That bookkeeping runs under every policy (visible in
+        :attr:`quarantines`, e.g. for a report of what quarantine would have done), but only the
+        ``quarantine`` policy acts on it through :meth:`is_quarantined` and :meth:`excluded`.
 
         Parameters
         ----------

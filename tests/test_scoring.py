@@ -289,7 +289,8 @@ def test_scores_csv_roundtrip(tmp_path):
     rounds[0]["reputation"] = {"1": 0.05, "2": 0.2, "3": 0.45}
     path = write_scores_csv(rounds, tmp_path / "sub" / "scores.csv")
     rows = read_scores_csv(path)
-    assert [(r["round"], r["node_id"]) for r in rows] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 1), (3, 2)]
+    expected_pairs = [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3), (3, 1), (3, 2)]
+    assert [(r["round"], r["node_id"]) for r in rows] == expected_pairs
     row = rows[2]
     assert row["combined"] == 0.9 and row["flagged"] is True and row["reputation"] == 0.45
     assert (row["norm_z"], row["cosine_z"], row["distance_z"], row["rule_z"]) == (5.0, 3.1, 4.0, 2.0)
