@@ -53,7 +53,7 @@ def train(
             loss = loss_fn(model(features[batch]), labels[batch])
             loss.backward()
             optimiser.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
             count += len(batch)
     return total / count
 

@@ -24,6 +24,7 @@ from server.checkpoint import load_checkpoint, save_checkpoint
 from server.hooks import SimulatedAttack, simulated_attack
 from server.monitor import TrainingMonitor
 from server.params import ParamSpec, arrays_to_vector, vector_to_arrays
+from server.report import write_report
 from server.scoring import detection_quality, write_scores_csv
 from server.settings import RunSettings
 from server.strategy import PrivacySettings, RobustStrategy
@@ -169,6 +170,7 @@ def run_server(grid: Grid, settings: RunSettings) -> dict:
     summary = _summary(settings, rounds, attack, strategy, monitor, started, stopped_early)
     _write_json(files.summary, summary)
     write_scores_csv(rounds, files.scores)
+    write_report(files.root)
     torch.save(arrays.to_torch_state_dict(), files.model)
     print(f"final accuracy {summary['final_accuracy']:.4f}  best {summary['best_accuracy']:.4f}  "
           f"-> {files.root}", flush=True)

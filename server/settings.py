@@ -36,9 +36,9 @@ class RunSettings:
     pre_aggregation: str = ""
     rounds: int = 10
     fraction_train: float = 1.0
-    local_epochs: int = 1
-    lr: float = 0.1
-    batch_size: int = 32
+    local_epochs: int = 2
+    lr: float = 0.3
+    batch_size: int = 16
     alpha: float = 0.0
     seed: int = 0
     dp: str = "off"

@@ -209,7 +209,8 @@ class RobustStrategy(Strategy):
         eligible = [n for n in nodes if not self.reputation.is_quarantined(n, server_round)]
         size = min(len(eligible), max(self.min_train_nodes, int(round(self.fraction_train * len(nodes)))))
         rng = np.random.default_rng([self.seed, server_round])
-        sampled = sorted(int(n) for n in rng.choice(eligible, size=size, replace=False)) if size else []
+        # Choose positions, not ids: numpy would turn 64-bit node ids into float64 and round them.
+        sampled = sorted(eligible[int(i)] for i in rng.choice(len(eligible), size=size, replace=False))
         skipped = sorted(set(nodes) - set(eligible))
         if skipped:
             log(INFO, "configure_train: quarantined nodes skipped: %s", skipped)
@@ -329,7 +330,9 @@ class RobustStrategy(Strategy):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Aggregate, score every client, apply the reputation policy; return (vector, kept rows, scores)."""
         if self.reputation.policy == "trust-weighted":
-            weights = weights * self.reputation.trust_weights(node_ids).to(weights)
+            trust = self.reputation.trust_weights(node_ids).to(weights)
+            # Once every node is fully distrusted the weights carry no information: stay uniform.
+            weights = weights * trust if bool((trust > 0).any()) else weights
         result = self._call_rule(updates, weights)
         client_scores = score_updates(updates, result.vector, result.scores)
         combined = client_scores.combined

@@ -68,10 +68,14 @@ def _print_summary(summary: dict) -> None:
         print(f"backdoor attack success rate {summary['backdoor_asr']:.4f}")
     if summary.get("detection"):
         d = summary["detection"]
-        print(f"detection: AUROC {d['auroc']:.3f}, precision {d['precision']:.3f}, recall {d['recall']:.3f}")
+        print("detection: " + ", ".join(f"{k} {_fmt(d.get(k))}" for k in ("auroc", "precision", "recall")))
     if summary.get("privacy"):
         print(f"privacy: epsilon {summary['privacy']['epsilon']:.3f} at delta {summary['privacy']['delta']}")
     print(f"wall time {summary['wall_seconds']:.1f} s; written to {summary['config']['out']}")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

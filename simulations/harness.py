@@ -20,6 +20,7 @@ OFFLINE_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
     "RAY_DISABLE_USAGE_STATS": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
@@ -55,7 +56,10 @@ def run_federation(overrides: dict[str, Any], *, verbose: bool = False) -> dict:
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
     app_dir = project_dir()
@@ -69,6 +73,10 @@ def run_federation(overrides: dict[str, Any], *, verbose: bool = False) -> dict:
     run_id = secrets.randbits(63)
     run = Run.create_empty(run_id=run_id)
     run.override_config = {k: run_config[k] for k in overrides} | {"out": str(out)}
+    # What flwr-simulation sets for a run it was not handed by a SuperLink.
+    run.primary_task_id = secrets.randbits(63)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     num_cpus = os.cpu_count() or 1
     backend_config = {
