@@ -488,11 +488,15 @@ def _default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 600.0) -> list[int]:
+def _wait_for_nodes(grid: Grid, minimum: int, timeout: float = 300.0) -> list[int]:
     deadline = time.monotonic() + timeout
     while len(nodes := sorted(int(n) for n in grid.get_node_ids())) < minimum:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(nodes)} nodes connected after {timeout:.0f} s; need {minimum}")
+            raise RuntimeError(
+                f"only {len(nodes)} nodes connected after {timeout:.0f} s; this run needs {minimum} "
+                f"(num-clients). In simulation start that many: flwr run . --federation-config "
+                f"'num-supernodes={minimum}'"
+            )
         log(INFO, "Waiting for nodes: %d connected (need %d)", len(nodes), minimum)
         time.sleep(1.0)
     return nodes
