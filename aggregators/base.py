@@ -14,8 +14,10 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-#: Default bound on the temporary memory a coordinate-wise rule uses per chunk of columns.
-DEFAULT_MAX_CHUNK_BYTES: int = 256 * 1024 * 1024
+#: Default bound on the temporary memory a rule uses per chunk of columns. Small chunks stay in
+#: cache and reuse allocator blocks: at n=50, d=1e6 on CPU, 4-16 MiB chunks ran 2-3x faster than
+#: 64-256 MiB ones (docs/benchmarks.md).
+DEFAULT_MAX_CHUNK_BYTES: int = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,15 @@ def validate_updates(rule: str, updates: Tensor) -> None:
         raise ValueError(f"{rule}: updates must have n >= 1 rows and d >= 1 columns, got ({n}, {d})")
     if not updates.is_floating_point():
         raise ValueError(f"{rule}: updates must be floating point, got dtype {updates.dtype}")
-    finite_rows = torch.isfinite(updates).all(dim=1)
-    if not bool(finite_rows.all()):
-        bad = torch.nonzero(~finite_rows).flatten().tolist()
-        raise ValueError(f"{rule}: rows {bad} contain NaN or Inf")
+    # Fast screen: a NaN or Inf anywhere in a row makes its plain sum non-finite (no false
+    # negatives), and a plain sum is ~40x faster on CPU than isfinite(updates).all(dim=1). Rows
+    # whose sum is non-finite (a NaN/Inf, or merely an overflow) get the exact per-element check.
+    suspects = torch.nonzero(~torch.isfinite(updates.sum(dim=1))).flatten()
+    if suspects.numel() > 0:
+        finite = torch.isfinite(updates[suspects]).all(dim=1)
+        bad = suspects[~finite].tolist()
+        if bad:
+            raise ValueError(f"{rule}: rows {bad} contain NaN or Inf")
 
 
 def validate_weights(rule: str, weights: Optional[Tensor], updates: Tensor) -> Optional[Tensor]:

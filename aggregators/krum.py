@@ -45,16 +45,30 @@ def krum_scores(sq_dist: Tensor, num_neighbours: int) -> Tensor:
     return torch.topk(others, num_neighbours, dim=1, largest=False).values.sum(dim=1)
 
 
-def rank_by_krum(scores: Tensor, sq_dist: Tensor) -> Tensor:
-    """Row indices from best (lowest Krum score) to worst, ties broken by the order-free
-    secondary key "sum of squared distances to all rows".
+def rank_by_krum(scores: Tensor, sq_dist: Tensor, num_neighbours: int) -> Tensor:
+    """Row indices from best (lowest Krum score) to worst, exact ties broken without looking at
+    row order.
 
     Exact ties are common, not pathological: with one neighbour (Krum at f=0, n=3; Bulyan's last
-    iterations) two mutual nearest neighbours have the same score. Breaking them by row index
-    would make the output depend on the clients' order; the total distance breaks them by
-    geometry. Only rows equal in both keys (e.g. duplicates) fall back to index order.
+    iterations) two mutual nearest neighbours have the same score, and symmetric configurations
+    tie too. Breaking them by row index would make the output depend on the clients' order.
+    Ties go to the smaller score with one more neighbour (the more central row), then to the
+    smaller sum of distances to all rows; only rows equal in all three (e.g. duplicates) fall
+    back to index order.
+
+    Parameters
+    ----------
+    scores : Tensor
+        ``(n,)`` Krum scores computed with ``num_neighbours`` neighbours.
+    sq_dist : Tensor
+        ``(n, n)`` squared distances the scores came from.
+    num_neighbours : int
+        Neighbours counted in ``scores``.
     """
+    n = sq_dist.shape[0]
+    wider = krum_scores(sq_dist, min(n - 1, num_neighbours + 1))
     order = torch.argsort(sq_dist.sum(dim=1), stable=True)
+    order = order[torch.argsort(wider[order], stable=True)]
     return order[torch.argsort(scores[order], stable=True)]
 
 
@@ -70,8 +84,8 @@ class Krum:
     Requires n > 2f + 2 (checked at call time). Ignores ``weights``.
 
     Scores: the Krum score (sum of squared distances to the n - f - 2 nearest other rows).
-    ``selected``: only the chosen row (exact score ties go to the row with the smaller sum of
-    distances to all rows, see :func:`rank_by_krum`).
+    ``selected``: only the chosen row (exact score ties are broken by geometry, not row order:
+    see :func:`rank_by_krum`).
 
     Parameters
     ----------
@@ -94,7 +108,7 @@ class Krum:
         _check_krum("krum", n, f)
         sq_dist = pairwise_sq_distances(updates, self.max_chunk_bytes)
         scores = krum_scores(sq_dist, n - f - 2)
-        best = int(rank_by_krum(scores, sq_dist)[0])
+        best = int(rank_by_krum(scores, sq_dist, n - f - 2)[0])
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
         selected[best] = True
         return AggregationResult(updates[best].clone(), scores, selected)
@@ -153,7 +167,7 @@ class MultiKrum:
             raise ValueError(f"multi-krum: num_selected={m} exceeds n={n} (f={f})")
         sq_dist = pairwise_sq_distances(updates, self.max_chunk_bytes)
         scores = krum_scores(sq_dist, n - f - 2)
-        chosen = rank_by_krum(scores, sq_dist)[:m]
+        chosen = rank_by_krum(scores, sq_dist, n - f - 2)[:m]
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
         selected[chosen] = True
         coeffs = selected.to(torch.float64) if w is None else w * selected
@@ -215,8 +229,9 @@ class Bulyan:
         chosen: list[int] = []
         for _ in range(theta):  # a loop over rows, not coordinates
             sub = sq_dist[remaining][:, remaining]
-            scores = krum_scores(sub, max(1, len(remaining) - f - 2))
-            chosen.append(remaining.pop(int(rank_by_krum(scores, sub)[0])))
+            neighbours = max(1, len(remaining) - f - 2)
+            scores = krum_scores(sub, neighbours)
+            chosen.append(remaining.pop(int(rank_by_krum(scores, sub, neighbours)[0])))
         index = torch.tensor(chosen, device=updates.device)
         vector, excluded, kept = mean_around_median(updates[index], beta, self.max_chunk_bytes)
         fraction = torch.ones(n, dtype=torch.float64, device=updates.device)

@@ -178,8 +178,9 @@ def reference_bulyan(x: torch.Tensor, f: int) -> torch.Tensor:
         best, best_key = None, None
         for i in remaining:
             dists = sorted(float(((x[i] - x[j]) ** 2).sum()) for j in remaining if j != i)
-            # Krum score, ties broken by the total distance to the remaining rows.
-            key = (sum(dists[: max(1, len(remaining) - f - 2)]), sum(dists))
+            # Krum score; ties broken by the score with one more neighbour, then the total.
+            k = max(1, len(remaining) - f - 2)
+            key = (sum(dists[:k]), sum(dists[: k + 1]), sum(dists))
             if best_key is None or key < best_key:
                 best, best_key = i, key
         chosen.append(best)

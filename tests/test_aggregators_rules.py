@@ -197,13 +197,22 @@ def test_output_keeps_dtype_and_shapes(name: str, dtype: torch.dtype) -> None:
 
 def test_bulyan_drops_outliers_and_averages_the_central_values() -> None:
     # n = 7, f = 1: theta = 5 rows picked by iterated Krum, beta = 3 values kept per coordinate.
-    # Iterated Krum on 0..5 and 100 takes 2, 3, 1, 4, 0 (ties to the lower index); the 3 values
-    # closest to the median 2 of {0, 1, 2, 3, 4} are 1, 2, 3.
+    # On 0..5 and 100 iterated Krum takes 3, 2, 4, 1, 5 (this symmetric input ties at every
+    # step; ties go to the more central row, never to the lower index), i.e. the values 1..5;
+    # the 3 values closest to their median 3 are 2, 3, 4.
     x = stack([[0.0], [1.0], [2.0], [3.0], [4.0], [5.0], [100.0]])
     out = aggregators.build("bulyan", num_byzantine=1)(x)
-    assert out.vector.item() == 2.0
-    assert out.selected.tolist() == [False, True, True, True, False, False, False]
-    assert out.scores.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    assert out.vector.item() == 3.0
+    assert out.selected.tolist() == [False, False, True, True, True, False, False]
+    assert out.scores.tolist() == [1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+
+
+def test_krum_ties_do_not_depend_on_row_order() -> None:
+    # f = 0, n = 3: one neighbour, so the mutual nearest pair (0, 1) ties; the row whose second
+    # neighbour is closer (1.0, nearer to 3.0) wins in either order.
+    x = stack([[0.0], [1.0], [3.0]])
+    assert aggregators.build("krum")(x).vector.item() == 1.0
+    assert aggregators.build("krum")(x.flip(0)).vector.item() == 1.0
 
 
 # --- meamed -----------------------------------------------------------------------------------
@@ -346,3 +355,10 @@ def test_fltrust_all_opposed_gives_zero() -> None:
     rule.set_trusted_update(torch.tensor([1.0, 0.0]))
     out = rule(torch.tensor([[-1.0, 0.0], [-2.0, 1.0]]))
     assert torch.equal(out.vector, torch.zeros(2)) and not out.selected.any()
+
+
+def test_rows_whose_sum_overflows_are_still_accepted() -> None:
+    # The fast NaN/Inf screen sums each row; an overflowing but finite row must not be rejected.
+    x = torch.full((3, 4), 3.0e38, dtype=torch.float32)
+    out = aggregators.build("median")(x)
+    assert torch.equal(out.vector, x[0])
