@@ -56,6 +56,8 @@ def train(msg: Message, context: Context) -> Message:
     x, y = data.x, data.y
     role = attack_role(settings.attack, settings.attack_params, partition_id=partition_id,
                        num_clients=settings.num_clients, num_malicious=settings.num_malicious, seed=settings.seed)
+    if server_round < settings.attack_start_round:
+        role = None
     rng = np.random.default_rng([settings.seed, partition_id, server_round])
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     if role is not None and role.transforms_data:

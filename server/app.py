@@ -104,7 +104,8 @@ def run_server(grid: Grid, settings: RunSettings) -> dict:
     files.root.mkdir(parents=True, exist_ok=True)
     test = server_test_split(settings.dataset)
     attack = simulated_attack(settings.attack, settings.attack_params, num_clients=settings.num_clients,
-                              num_malicious=settings.num_malicious, seed=settings.seed)
+                              num_malicious=settings.num_malicious, seed=settings.seed,
+                              start_round=settings.attack_start_round)
     triggered = _triggered_testset(attack, test)
     strategy = build_strategy(settings, attack)
     monitor = TrainingMonitor()

@@ -37,6 +37,7 @@ class SimulatedAttack:
     malicious_partitions: set[int]
     node_partitions: dict[int, int] = field(default_factory=dict)
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    start_round: int = 1
 
     def observe(self, node_ids: list[int], metrics: list[dict]) -> None:
         """Remember which partition each replying node holds."""
@@ -54,7 +55,7 @@ class SimulatedAttack:
     ) -> torch.Tensor:
         """Replace the attackers' rows by updates crafted from the honest rows (omniscient attacks)."""
         self.observe(node_ids, metrics)
-        if not getattr(self.attack, "omniscient", False):
+        if not getattr(self.attack, "omniscient", False) or server_round < self.start_round:
             return updates
         mask = torch.tensor([n in self.malicious_nodes for n in node_ids], device=updates.device)
         num_malicious = int(mask.sum())
@@ -66,11 +67,13 @@ class SimulatedAttack:
         return out
 
 
-def simulated_attack(attack: str, attack_params: str, *, num_clients: int, num_malicious: int, seed: int) -> SimulatedAttack | None:
+def simulated_attack(
+    attack: str, attack_params: str, *, num_clients: int, num_malicious: int, seed: int, start_round: int = 1
+) -> SimulatedAttack | None:
     """The run's simulated attack, or None when its config names none."""
     if attack in ("", "none"):
         return None
     plugin = attack_plugin()
     built = plugin.build(attack, **plugin.parse_params(attack_params))
     malicious = set(plugin.malicious_partitions(num_clients, num_malicious, seed))
-    return SimulatedAttack(built, malicious, generator=torch.Generator().manual_seed(seed))
+    return SimulatedAttack(built, malicious, generator=torch.Generator().manual_seed(seed), start_round=start_round)

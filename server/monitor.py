@@ -15,6 +15,16 @@ flat loss must rise by about 12% to alert), for the accuracy ``accuracy_floor`` 
 so a flat accuracy must fall by about 6 points). No band is drawn until ``min_history`` finite
 values exist. A non-finite loss or accuracy always alerts and never enters the history.
 
+Early in training the curve falls fast, the level band is wide and a poisoned round can hide
+inside it. A second, trend band therefore forecasts each round from the previous one plus the
+median one-round change of the window, with the same robust scale computed over those changes::
+
+    forecast = last + median(changes), counting only a drift the bad way (loss up, accuracy down)
+    loss alert      when  loss     > forecast + k * max(1.4826 * MAD(changes), floor)
+    accuracy alert  when  accuracy < forecast - k * max(1.4826 * MAD(changes), floor)
+
+A round alerts when it leaves either band (the alert names which).
+
 Only the bad direction alerts (a falling loss or rising accuracy is what training should do).
 A persistent step up keeps alerting until it fills half the window and becomes the new median.
 """
@@ -95,12 +105,29 @@ class TrainingMonitor:
             return None
         median = statistics.median(recent)
         mad = statistics.median(abs(v - median) for v in recent)
-        if metric == "loss":
-            floor = max(self.loss_rel_floor * abs(median), self.loss_abs_floor)
-        else:
-            floor = self.accuracy_floor
-        scale = max(MAD_TO_SD * mad, floor)
+        scale = max(MAD_TO_SD * mad, self._floor(metric, median))
         return median - self.k * scale, median + self.k * scale
+
+    def trend_band(self, metric: str) -> tuple[float, float] | None:
+        """The ``(low, high)`` band around the one-round-ahead forecast, None before ``min_history`` changes."""
+        if metric not in METRICS:
+            raise ValueError(f"monitor metric must be one of {METRICS}, got {metric!r}")
+        recent = [h[metric] for h in self.history if h[metric] is not None][-(self.window + 1):]
+        changes = [b - a for a, b in zip(recent, recent[1:])]
+        if len(changes) < self.min_history:
+            return None
+        median = statistics.median(changes)
+        mad = statistics.median(abs(c - median) for c in changes)
+        # Never extrapolate improvement: a decelerating fall would put the forecast too far ahead.
+        drift = max(median, 0.0) if metric == "loss" else min(median, 0.0)
+        forecast = recent[-1] + drift
+        scale = max(MAD_TO_SD * mad, self._floor(metric, recent[-1]))
+        return forecast - self.k * scale, forecast + self.k * scale
+
+    def _floor(self, metric: str, level: float) -> float:
+        if metric == "loss":
+            return max(self.loss_rel_floor * abs(level), self.loss_abs_floor)
+        return self.accuracy_floor
 
     def observe(self, server_round: int, loss: float | None, accuracy: float | None) -> list[str]:
         """Check one round's central evaluation and add it to the history.
@@ -149,20 +176,23 @@ class TrainingMonitor:
         if not math.isfinite(value):
             return {"round": server_round, "metric": metric, "value": None, "band": band_list,
                     "message": f"round {server_round}: {metric} is {value} (training diverged or the model broke)"}
-        if band is None:
-            return None
-        low, high = band
-        if metric == "loss" and value > high:
-            where = f"above the band's top {high:.4g}"
-        elif metric == "accuracy" and value < low:
-            where = f"below the band's bottom {low:.4g}"
-        else:
-            return None
         recent = min(self.window, sum(h[metric] is not None for h in self.history))
-        median = (low + high) / 2.0
-        return {"round": server_round, "metric": metric, "value": value, "band": band_list,
-                "message": f"round {server_round}: {metric} {value:.4g} {where} "
-                           f"(median {median:.4g} of the last {recent} rounds, k = {self.k:g})"}
+        for kind, bounds in (("level", band), ("trend", self.trend_band(metric))):
+            if bounds is None:
+                continue
+            low, high = bounds
+            if metric == "loss" and value > high:
+                where = f"above the {kind} band's top {high:.4g}"
+            elif metric == "accuracy" and value < low:
+                where = f"below the {kind} band's bottom {low:.4g}"
+            else:
+                continue
+            centre = (low + high) / 2.0
+            basis = "median" if kind == "level" else "forecast"
+            return {"round": server_round, "metric": metric, "value": value, "band": [low, high], "kind": kind,
+                    "message": f"round {server_round}: {metric} {value:.4g} {where} "
+                               f"({basis} {centre:.4g} from the last {recent} rounds, k = {self.k:g})"}
+        return None
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:

@@ -31,6 +31,7 @@ class RunSettings:
     num_malicious: int = 2
     attack: str = "sign-flip"
     attack_params: str = ""
+    attack_start_round: int = 1
     aggregator: str = "trimmed-mean"
     num_byzantine: int = 2
     pre_aggregation: str = ""

@@ -127,3 +127,27 @@ def test_bad_settings_and_rounds_are_named():
         monitor.band("f1")
     with pytest.raises(ValueError, match="format"):
         monitor.load_state_dict({})
+
+
+# Curves measured on digits (10 IID clients, mean): a clean run, and one where 3 sign-flip x10
+# attackers start in round 6, while training still falls fast and the level band is wide.
+CLEAN_LOSS = [2.012, 1.387, 0.828, 0.57, 0.438, 0.367, 0.308, 0.281, 0.255, 0.236]
+CLEAN_ACCURACY = [0.760, 0.838, 0.872, 0.889, 0.903, 0.908, 0.914, 0.933, 0.928, 0.925]
+POISONED_LOSS = [1.912, 1.148, 0.66, 0.465, 0.354, 0.704, 2.892]
+POISONED_ACCURACY = [0.844, 0.855, 0.875, 0.9, 0.919, 0.763, 0.181]
+
+
+def test_the_trend_band_catches_a_poisoned_round_the_level_band_misses():
+    monitor = TrainingMonitor()
+    for server_round, (loss, accuracy) in enumerate(zip(POISONED_LOSS[:5], POISONED_ACCURACY[:5]), start=1):
+        assert monitor.observe(server_round, loss, accuracy) == []
+    low, _ = monitor.band("accuracy")
+    assert POISONED_ACCURACY[5] > low  # inside the level band...
+    messages = monitor.observe(6, POISONED_LOSS[5], POISONED_ACCURACY[5])
+    assert messages and "trend" in messages[0]  # ...but far below the forecast
+
+
+def test_a_clean_measured_run_raises_no_alert():
+    monitor = TrainingMonitor()
+    for server_round, (loss, accuracy) in enumerate(zip(CLEAN_LOSS, CLEAN_ACCURACY), start=1):
+        assert monitor.observe(server_round, loss, accuracy) == [], server_round
