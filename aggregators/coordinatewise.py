@@ -2,7 +2,8 @@
 
 Coordinate-wise rules process the columns in chunks of at most ``max_chunk_bytes`` of temporaries,
 write each chunk into one preallocated output vector, and sort only along the n axis
-(:func:`aggregators.geometry.sort_columns`; numpy's SIMD sort on CPU, measured fastest).
+(:func:`aggregators.geometry.sorted_coordinates`; numpy's SIMD sort on CPU, measured fastest),
+working on a ``(w, n)`` layout where each coordinate's n sorted values are contiguous.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from aggregators.base import (
     validate_updates,
     validate_weights,
 )
-from aggregators.geometry import sort_columns, sq_distances_to, weighted_mean_rows
+from aggregators.geometry import sorted_coordinates, sq_distances_to, weighted_mean_rows
 from aggregators.registry import register
 
 #: Temporaries per element in a coordinate-wise chunk: the sorted copy (<= 8 bytes), float64
@@ -30,28 +31,28 @@ from aggregators.registry import register
 _COORDINATE_BYTES_PER_VALUE = 32
 
 
-def _median_of_sorted(sorted_block: Tensor) -> Tensor:
-    """Float64 median of each column of an ascending-sorted ``(n, w)`` block (mean of the two
+def _median_of_sorted(ordered: Tensor) -> Tensor:
+    """Float64 median of each row of a ``(w, n)`` row-wise ascending tensor (mean of the two
     middle values when n is even, as ``numpy.median``)."""
-    n = sorted_block.shape[0]
-    upper = sorted_block[n // 2].to(torch.float64)
+    n = ordered.shape[1]
+    upper = ordered[:, n // 2].to(torch.float64)
     if n % 2 == 1:
         return upper
     # Average in float64 so two huge float32 values cannot overflow.
-    return (sorted_block[n // 2 - 1].to(torch.float64) + upper) / 2
+    return (ordered[:, n // 2 - 1].to(torch.float64) + upper) / 2
 
 
-def closest_window_start(sorted_block: Tensor, keep: int) -> Tensor:
-    """Start index of the ``keep`` consecutive sorted values closest to each column's median.
+def closest_window_start(ordered: Tensor, keep: int) -> Tensor:
+    """Start index of the ``keep`` consecutive sorted values closest to each coordinate's median.
 
-    The ``keep`` values closest to the median of a column are always a contiguous window of its
-    sorted values; the window minimising its farthest value's distance to the median wins (the
-    lowest start on ties, so the choice depends on the values only, not on row order).
+    The ``keep`` values closest to the median are always a contiguous window of the sorted
+    values; the window whose farthest value is nearest to the median wins (the lowest start on
+    ties, so the choice depends on the values only, not on row order).
 
     Parameters
     ----------
-    sorted_block : Tensor
-        ``(n, w)`` block sorted ascending along dim 0.
+    ordered : Tensor
+        ``(w, n)``, each row sorted ascending.
     keep : int
         Window length, ``1 <= keep <= n``.
 
@@ -60,15 +61,13 @@ def closest_window_start(sorted_block: Tensor, keep: int) -> Tensor:
     Tensor
         ``(w,)`` int64 start indices in ``[0, n - keep]``.
     """
-    n = sorted_block.shape[0]
-    median = _median_of_sorted(sorted_block)
-    values = sorted_block.to(torch.float64)
+    n = ordered.shape[1]
     starts = n - keep + 1
-    # Loop over the n - keep + 1 candidate windows (<= n), vectorised over the columns.
-    reach = torch.stack(
-        [torch.maximum(median - values[a], values[a + keep - 1] - median) for a in range(starts)]
-    )
-    return reach.argmin(dim=0)
+    median = _median_of_sorted(ordered)[:, None]
+    lows = ordered[:, :starts].to(torch.float64)
+    highs = ordered[:, keep - 1 : keep - 1 + starts].to(torch.float64)
+    reach = torch.maximum(median - lows, highs - median)
+    return reach.argmin(dim=1)
 
 
 @register("mean")
@@ -137,9 +136,9 @@ class Median:
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
         for cols in column_chunks(n, d, _COORDINATE_BYTES_PER_VALUE, self.max_chunk_bytes):
             block = updates[:, cols]
-            ordered = sort_columns(block)
+            ordered = sorted_coordinates(block).to(updates.device)
             vector[cols] = _median_of_sorted(ordered).to(updates.dtype)
-            lower, upper = ordered[(n - 1) // 2], ordered[n // 2]
+            lower, upper = ordered[:, (n - 1) // 2], ordered[:, n // 2]
             selected |= ((block == lower) | (block == upper)).any(dim=1)
         scores = sq_distances_to(updates, vector, self.max_chunk_bytes).sqrt()
         return AggregationResult(vector, scores, selected)
@@ -194,12 +193,12 @@ class TrimmedMean:
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
         for cols in column_chunks(n, d, _COORDINATE_BYTES_PER_VALUE, self.max_chunk_bytes):
             block = updates[:, cols]
-            ordered = sort_columns(block)
-            kept = ordered[f : n - f]
+            ordered = sorted_coordinates(block).to(updates.device)
+            kept = ordered[:, f : n - f]
             # Sum only the kept values (never total minus extremes: an attacker's 1e30 would
             # swallow the honest values in the subtraction).
-            vector[cols] = (kept.to(torch.float64).sum(dim=0) / (n - 2 * f)).to(updates.dtype)
-            outside = (block < ordered[f]) | (block > ordered[n - f - 1])
+            vector[cols] = (kept.to(torch.float64).sum(dim=1) / (n - 2 * f)).to(updates.dtype)
+            outside = (block < ordered[:, f]) | (block > ordered[:, n - f - 1])
             trimmed += outside.sum(dim=1, dtype=torch.float64)
             selected |= ~outside.all(dim=1)
         return AggregationResult(vector, trimmed / d, selected)
@@ -271,15 +270,14 @@ def mean_around_median(updates: Tensor, keep: int, max_chunk_bytes: int) -> tupl
     vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
     excluded = torch.zeros(n, dtype=torch.float64, device=updates.device)
     selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
-    offsets = torch.arange(keep, device=updates.device)[:, None]
+    offsets = torch.arange(keep, device=updates.device)[None, :]
     for cols in column_chunks(n, d, _COORDINATE_BYTES_PER_VALUE + 8 * 2, max_chunk_bytes):
         block = updates[:, cols]
-        ordered = sort_columns(block).to(updates.device)
+        ordered = sorted_coordinates(block).to(updates.device)
         start = closest_window_start(ordered, keep)
-        window = torch.gather(ordered, 0, start[None, :] + offsets)
-        vector[cols] = (window.to(torch.float64).sum(dim=0) / keep).to(updates.dtype)
-        low, high = window[0], window[-1]
-        outside = (block < low) | (block > high)
+        window = torch.gather(ordered, 1, start[:, None] + offsets)
+        vector[cols] = (window.to(torch.float64).sum(dim=1) / keep).to(updates.dtype)
+        outside = (block < window[:, 0]) | (block > window[:, -1])
         excluded += outside.sum(dim=1, dtype=torch.float64)
         selected |= ~outside.all(dim=1)
     return vector, excluded, selected

@@ -245,3 +245,17 @@ def test_cuda_matches_cpu(name: str, dtype: torch.dtype) -> None:
     assert torch.allclose(gpu.vector.cpu(), cpu.vector, rtol=tol, atol=tol)
     assert torch.allclose(gpu.scores.cpu(), cpu.scores, rtol=1e-6, atol=1e-9)
     assert torch.equal(gpu.selected.cpu(), cpu.selected)
+
+
+@pytest.mark.parametrize("name", CHUNKED_RULES)
+@pytest.mark.parametrize("d", [1, 7])
+def test_rules_never_modify_their_input(name: str, d: int) -> None:
+    # d = 1 matters: a transposed (n, 1) block is already contiguous, so a careless in-place
+    # sort would reorder the caller's rows.
+    x = random_stack(31, 9, d).to(torch.float32)
+    before = x.clone()
+    rule = aggregators.build(name, num_byzantine=1)
+    if getattr(rule, "needs_trusted_update", False):
+        rule.set_trusted_update(torch.ones(d))
+    rule(x)
+    assert torch.equal(x, before)
