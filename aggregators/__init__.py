@@ -10,10 +10,14 @@ Rules are callables ``rule(updates, weights=None) -> AggregationResult`` over an
 stack. Optional capabilities a server can probe with ``getattr``: ``sensitivity(clip_norm, n)``,
 ``state_dict()`` / ``load_state_dict(d)``, ``needs_trusted_update`` with
 ``set_trusted_update(vector)``, and ``uses_weights`` (whether ``weights`` changes the output).
+
+Rules: mean, median, trimmed-mean, meamed, krum, multi-krum, bulyan, geometric-median,
+centered-clipping, dnc, signsgd-majority, fltrust. Pre-aggregation steps: clip, arc, nnm,
+bucketing (``build(name, pre=[...])``).
 """
 
 from aggregators.base import AggregationResult
-from aggregators.registry import available, available_pre, build, register, register_pre
+from aggregators.registry import available, available_pre, build, register, register_pre, unregister
 
 # Importing the rule modules registers their rules.
 from aggregators import coordinatewise as _coordinatewise  # noqa: F401
@@ -24,4 +28,4 @@ from aggregators import fltrust as _fltrust  # noqa: F401
 from aggregators import sign_majority as _sign_majority  # noqa: F401
 from aggregators import pre as _pre  # noqa: F401
 
-__all__ = ["AggregationResult", "available", "available_pre", "build", "register", "register_pre"]
+__all__ = ["AggregationResult", "available", "available_pre", "build", "register", "register_pre", "unregister"]

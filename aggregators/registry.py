@@ -63,6 +63,21 @@ def register_pre(name: str) -> Callable[[T], T]:
     return _register_into(_PRE, "pre-aggregation", name)
 
 
+def unregister(name: str) -> None:
+    """Remove a rule or pre-aggregation step registered under ``name`` (e.g. after a test).
+
+    Raises
+    ------
+    ValueError
+        If nothing is registered under ``name``.
+    """
+    for table in (_RULES, _PRE):
+        if name in table:
+            del table[name]
+            return
+    raise ValueError(f"nothing is registered under {name!r}")
+
+
 def available() -> List[str]:
     """Sorted names of the registered aggregation rules."""
     return sorted(_RULES)

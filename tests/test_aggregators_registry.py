@@ -72,13 +72,20 @@ def test_register_decorator_makes_rule_buildable() -> None:
             selected = torch.arange(n) == n - 1
             return AggregationResult(updates[-1] * self.scale, (~selected).double(), selected)
 
-    assert "test-last-row" in aggregators.available()
-    rule = aggregators.build("test-last-row", num_byzantine=2, scale=2.0)
-    assert rule.name == "test-last-row"
-    x = torch.arange(6.0).reshape(3, 2)
-    assert torch.equal(rule(x).vector, torch.tensor([8.0, 10.0]))
-    with pytest.raises(ValueError, match="already registered"):
-        aggregators.register("test-last-row")(Path)
+    try:
+        assert "test-last-row" in aggregators.available()
+        rule = aggregators.build("test-last-row", num_byzantine=2, scale=2.0)
+        assert rule.name == "test-last-row"
+        x = torch.arange(6.0).reshape(3, 2)
+        assert torch.equal(rule(x).vector, torch.tensor([8.0, 10.0]))
+        with pytest.raises(ValueError, match="already registered"):
+            aggregators.register("test-last-row")(Path)
+    finally:
+        # Keep the global registry clean for other tests that iterate available().
+        aggregators.unregister("test-last-row")
+    assert "test-last-row" not in aggregators.available()
+    with pytest.raises(ValueError, match="nothing is registered"):
+        aggregators.unregister("test-last-row")
 
 
 def test_import_path_class_and_factory(monkeypatch: pytest.MonkeyPatch) -> None:
