@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.data import Dataset, load_partition
+from client.data import Dataset, load_partition, server_test_split
+from client.integrity import load_verified_npz
 from client.hooks import attack_role
 from client.model import build_model, training_device
 from client.train import evaluate as evaluate_model
@@ -28,11 +31,28 @@ app = ClientApp()
 torch.set_num_threads(1)
 
 
-def _local_data(settings: RunSettings, context: Context) -> tuple[Dataset, int]:
+def _local_data(settings: RunSettings, context: Context) -> tuple[Dataset, int, dict[str, str]]:
+    """This client's training data, verified when it comes from files, and where it came from."""
     partition_id = int(context.node_config["partition-id"])
     num_partitions = int(context.node_config["num-partitions"])
-    data = load_partition(settings.dataset, partition_id, num_partitions, settings.alpha, settings.seed)
-    return data, partition_id
+    data_dir = str(context.node_config.get("data-dir", settings.data_dir))
+    if not data_dir:
+        data = load_partition(settings.dataset, partition_id, num_partitions, settings.alpha, settings.seed)
+        return data, partition_id, {"data-source": f"{settings.dataset} partition {partition_id}/{num_partitions}",
+                                    "data-digest": data.digest()}
+    # Files: the schema (classes, image shape, feature range) is the named dataset's.
+    schema = server_test_split(settings.dataset)
+    path = Path(data_dir.replace("{partition-id}", str(partition_id))).expanduser() / "train.npz"
+    x, y, manifest_digest = load_verified_npz(
+        path,
+        public_key=Path(settings.data_public_key) if settings.data_public_key else None,
+        require_signature=settings.require_signed_data,
+        num_classes=schema.num_classes,
+        feature_range=schema.feature_range,
+    )
+    data = Dataset(x, y, schema.num_classes, schema.image_shape, schema.feature_range)
+    return data, partition_id, {"data-source": str(path), "data-digest": data.digest(),
+                                "manifest-digest": manifest_digest}
 
 
 def _flat(model: torch.nn.Module) -> torch.Tensor:
@@ -52,7 +72,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on local data and reply with the new weights."""
     settings = RunSettings.from_run_config(dict(context.run_config))
     server_round = int(msg.content["config"]["server-round"])
-    data, partition_id = _local_data(settings, context)
+    data, partition_id, provenance = _local_data(settings, context)
     x, y = data.x, data.y
     role = attack_role(settings.attack, settings.attack_params, partition_id=partition_id,
                        num_clients=settings.num_clients, num_malicious=settings.num_malicious, seed=settings.seed)
@@ -80,7 +100,8 @@ def train(msg: Message, context: Context) -> Message:
     _load_flat(model, global_vector + update)
 
     metrics = {"num-examples": len(y), "train-loss": float(loss), "partition-id": partition_id}
-    reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)})
+    reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics),
+                        "provenance": ConfigRecord(provenance)})
     return Message(reply, reply_to=msg)
 
 
@@ -88,7 +109,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this client's local data."""
     settings = RunSettings.from_run_config(dict(context.run_config))
-    data, _ = _local_data(settings, context)
+    data, _, _ = _local_data(settings, context)
     model = build_model(data.num_features, data.num_classes)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     loss, accuracy = evaluate_model(model, data.x, data.y, training_device())

@@ -12,8 +12,10 @@ Dirichlet(alpha) label skew).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 
@@ -54,6 +56,14 @@ class Dataset:
     def num_features(self) -> int:
         """Number of features per sample."""
         return int(self.x.shape[1])
+
+    def digest(self) -> str:
+        """SHA-256 of the features and labels: which data an update was trained on."""
+        h = hashlib.sha256()
+        for array in (self.x, self.y):
+            h.update(f"{array.dtype.str}{array.shape}".encode())
+            h.update(np.ascontiguousarray(array).tobytes())
+        return h.hexdigest()
 
     def subset(self, indices: np.ndarray) -> Dataset:
         """Return the rows at ``indices`` as a new dataset with the same metadata."""
@@ -229,3 +239,29 @@ def load_partition(name: str, partition_id: int, num_partitions: int, alpha: flo
     pool = client_pool(name)
     indices = partition(pool.y, num_partitions, alpha, seed)[partition_id]
     return pool.subset(indices)
+
+
+def export_partitions(
+    name: str, num_partitions: int, alpha: float, seed: int, out_dir: str | Path, *, private_key=None
+) -> list[Path]:
+    """Write each client's partition to ``out_dir/<partition-id>/train.npz`` with a manifest.
+
+    This is how a data owner prepares verified data for the ``data-dir`` run-config key; with
+    an Ed25519 ``private_key`` the manifests are signed.
+
+    Returns
+    -------
+    list[Path]
+        The partition directories, in partition order.
+    """
+    from client.integrity import write_manifest
+
+    folders = []
+    for partition_id in range(num_partitions):
+        data = load_partition(name, partition_id, num_partitions, alpha, seed)
+        folder = Path(out_dir) / str(partition_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        np.savez(folder / "train.npz", x=data.x, y=data.y)
+        write_manifest(folder, private_key=private_key)
+        folders.append(folder)
+    return folders

@@ -54,6 +54,9 @@ class RunSettings:
     max_update_norm: float = 0.0
     max_num_examples: int = 100_000
     data_audit: str = "off"
+    data_dir: str = ""
+    data_public_key: str = ""
+    require_signed_data: bool = False
     resume: bool = False
     out: str = "runs/latest"
 

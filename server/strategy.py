@@ -266,8 +266,10 @@ class RobustStrategy(Strategy):
         if self.interceptor is not None:
             updates = self.interceptor(server_round, updates, node_ids, [v.metrics for v in valid], self.rule)
         record["update_sha256"] = {str(n): _sha256(u) for n, u in zip(node_ids, updates)}
-        record["client_reports"] = {str(v.node_id): {k: m for k, m in v.metrics.items() if k not in ("num-examples", "train-loss")}
-                                    for v in valid}
+        record["client_reports"] = {
+            str(v.node_id): {k: m for k, m in v.metrics.items() if k not in ("num-examples", "train-loss")} | v.provenance
+            for v in valid
+        }
 
         if self.privacy.mode == "central":
             updates, norms = clip_updates(updates, self._clip_norm())

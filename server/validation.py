@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from server.params import ParamSpec
 
-#: The records a train reply must carry, and nothing else.
+#: The records a train reply must carry.
 EXPECTED_RECORDS = ("arrays", "metrics")
+#: Records a train reply may carry besides: where its training data came from (strings only).
+OPTIONAL_RECORDS = ("provenance",)
 
 
 @dataclass
@@ -41,6 +43,7 @@ class ValidReply:
     update: torch.Tensor
     num_examples: int
     metrics: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)
 
 
 class ReplyValidator:
@@ -79,7 +82,7 @@ class ReplyValidator:
         content = reply.content
         names = sorted(content.keys())
         missing = [name for name in EXPECTED_RECORDS if name not in names]
-        extra = [name for name in names if name not in EXPECTED_RECORDS]
+        extra = [name for name in names if name not in EXPECTED_RECORDS + OPTIONAL_RECORDS]
         if missing or extra:
             return f"records: missing {missing}, unexpected {extra}"
         arrays, metrics = content["arrays"], content["metrics"]
@@ -87,6 +90,14 @@ class ReplyValidator:
             return f"'arrays' is a {type(arrays).__name__}, not an ArrayRecord"
         if not isinstance(metrics, MetricRecord):
             return f"'metrics' is a {type(metrics).__name__}, not a MetricRecord"
+
+        provenance = content.get("provenance")
+        if provenance is not None:
+            if not isinstance(provenance, ConfigRecord) or not all(
+                isinstance(v, str) and len(v) <= 4096 for v in provenance.values()
+            ):
+                return "'provenance' must be a ConfigRecord of short strings"
+            provenance = dict(provenance)
 
         reason = self._check_keys(arrays)
         if reason:
@@ -106,7 +117,7 @@ class ReplyValidator:
         num_examples, reason = self._num_examples(metric_values)
         if reason:
             return reason
-        return ValidReply(node_id, update, num_examples, metric_values)
+        return ValidReply(node_id, update, num_examples, metric_values, provenance or {})
 
     def _check_keys(self, arrays: ArrayRecord) -> str | None:
         keys = set(arrays.keys())

@@ -113,6 +113,9 @@ CASES = {
     "extra config record": (RecordDict({**honest_content(ATTACKER), "config": ConfigRecord({"a": 1})}), "unexpected ['config']"),
     "arrays is a config record": (RecordDict({"arrays": ConfigRecord({"a": 1}), "metrics": MetricRecord({"num-examples": 5})}), "not an ArrayRecord"),
     "metrics is a config record": (RecordDict({"arrays": honest_content(ATTACKER)["arrays"], "metrics": ConfigRecord({"num-examples": 5})}), "not a MetricRecord"),
+    "provenance is a metric record": (RecordDict({**honest_content(ATTACKER), "provenance": MetricRecord({"a": 1})}), "'provenance' must be"),
+    "provenance too long": (RecordDict({**honest_content(ATTACKER), "provenance": ConfigRecord({"data-digest": "x" * 5000})}), "'provenance' must be"),
+    "provenance not text": (RecordDict({**honest_content(ATTACKER), "provenance": ConfigRecord({"data-digest": 7})}), "'provenance' must be"),
     # keys
     "missing key": (RecordDict({"arrays": ArrayRecord({W: Array(weights_for(ATTACKER)[W])}), "metrics": MetricRecord({"num-examples": 5})}), "missing ['layer.bias']"),
     "extra key": (with_array(ATTACKER, "layer.extra", Array(np.zeros(3, np.float32))), "unexpected ['layer.extra']"),
