@@ -16,10 +16,9 @@ from simulations.harness import run_federation
 BASE = {"aggregator": "mean", "num-byzantine": 0, "rounds": 10}
 
 
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    return run_federation(BASE | {"attack": "none", "num-malicious": 0,
-                                  "out": str(tmp_path_factory.mktemp("clean") / "run")})
+@pytest.fixture
+def clean(clean_mean_run):
+    return clean_mean_run
 
 
 def test_quarantine_excludes_a_scaling_attacker_and_keeps_accuracy(clean, tmp_path):

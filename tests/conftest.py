@@ -1,0 +1,49 @@
+"""Shared fixtures: federations that several end-to-end specifications compare against."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from simulations.harness import run_federation
+
+#: Digits, 10 IID clients, plain mean, no attacker, 10 rounds.
+CLEAN_MEAN = {"aggregator": "mean", "num-byzantine": 0, "attack": "none", "num-malicious": 0, "rounds": 10}
+
+
+@pytest.fixture(scope="session")
+def clean_mean_run(tmp_path_factory) -> dict:
+    """The no-attack reference run (one simulation shared by every test that needs it)."""
+    return run_federation(CLEAN_MEAN | {"out": str(tmp_path_factory.mktemp("clean-mean") / "run")})
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """Pids of live processes whose command line contains ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if marker in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_processes_mentioning(marker: str, grace: float = 5.0) -> None:
+    """SIGTERM every process whose command line mentions ``marker``, SIGKILL what is left after ``grace``."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in processes_mentioning(marker):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while processes_mentioning(marker) and time.monotonic() < deadline:
+            time.sleep(0.1)
