@@ -1,0 +1,838 @@
+"""``python -m simulations sweep``: the grid attacks x aggregators x seeds, one federation per cell.
+
+Each cell is one :func:`simulations.harness.run_federation` on Flower's simulation engine, run in
+this process one after the other, into ``DIR/cells/<attack>__<aggregator>__<seed>/``. The sweep
+writes, in ``DIR``:
+
+* ``sweep.json`` - the grid, the command line and the machine (written before the first cell);
+* ``results.csv`` - one row per (attack, aggregator, seed), failed cells included with their error;
+* ``heatmap.png`` - mean final accuracy over seeds, attacks x aggregators, plus a worst-case row;
+* ``curves.png`` - accuracy per round, one panel per attack, one line per aggregator;
+* ``results.md`` - the mean +- std tables, the command line and the machine.
+
+A rerun skips every cell whose ``summary.json`` holds all its rounds for the same settings, so an
+interrupted sweep continues where it stopped. :func:`write_outputs` rebuilds the four result files
+from the cells alone.
+
+Grid names: attack ``none`` is the clean reference (it runs with ``num-malicious = 0``); an
+aggregator ``nnm+trimmed-mean`` runs ``trimmed-mean`` behind the pre-aggregation ``nnm`` (every part
+before the last ``+`` is a pre-aggregation step, in order). ``--attack-params`` is either one
+``key=value,...`` string for every attack, or per attack: ``"sign-flip:scale=10;backdoor:boost=5"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence, TextIO
+
+import numpy as np
+
+#: The attack name that means "no attack": the clean reference row of every table.
+NO_ATTACK = "none"
+#: Columns of results.csv, in order.
+CSV_COLUMNS = ("attack", "aggregator", "seed", "status", "final_accuracy", "best_accuracy", "backdoor_asr",
+               "detection_auroc", "detection_precision", "detection_recall", "rounds_done", "wall_seconds",
+               "out", "error")
+#: Label of the row that holds, per aggregator, its lowest accuracy over the attacks.
+WORST_CASE = "worst case"
+
+_SWEEP_FILE = "sweep.json"
+_ERROR_FILE = "error.txt"
+_LOG_FILE = "stdout.log"
+
+
+# --------------------------------------------------------------------------------------------
+# The grid
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (attack, aggregator, seed) of the grid.
+
+    Attributes
+    ----------
+    attack : str
+        Attack name, or ``"none"``.
+    aggregator : str
+        Aggregator name as given on the command line, e.g. ``"nnm+trimmed-mean"``.
+    seed : int
+        The run's seed.
+    """
+
+    attack: str
+    aggregator: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        """The cell's directory name, ``<attack>__<aggregator>__<seed>``."""
+        return f"{_safe_path_part(self.attack)}__{_safe_path_part(self.aggregator)}__{self.seed}"
+
+    def directory(self, sweep_dir: Path) -> Path:
+        """Where the cell's run writes (``DIR/cells/<name>``)."""
+        return Path(sweep_dir) / "cells" / self.name
+
+
+def _safe_path_part(name: str) -> str:
+    # Import-path rules ("pkg.module:Name") carry characters some file systems refuse.
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", name)
+
+
+def split_names(text: str, what: str) -> list[str]:
+    """Split a comma list of names, refusing empty lists and repeats.
+
+    Parameters
+    ----------
+    text : str
+        ``"a,b,c"``; whitespace around names is ignored.
+    what : str
+        The option's name, for the error message (``"--attacks"``).
+
+    Raises
+    ------
+    ValueError
+        If the list is empty or names a value twice.
+    """
+    names = [part.strip() for part in str(text).split(",") if part.strip()]
+    if not names:
+        raise ValueError(f"{what} needs at least one name, got {text!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{what} names {repeated} more than once")
+    return names
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; a ValueError names any seed that is not an integer."""
+    seeds = []
+    for part in split_names(text, "--seeds"):
+        try:
+            seeds.append(int(part))
+        except ValueError:
+            raise ValueError(f"--seeds: {part!r} is not an integer seed (in {text!r})") from None
+    return seeds
+
+
+def split_aggregator(name: str) -> tuple[str, str]:
+    """Split a grid aggregator name into the rule and its pre-aggregation chain.
+
+    Parameters
+    ----------
+    name : str
+        ``"trimmed-mean"`` or ``"nnm+trimmed-mean"`` or ``"clip+nnm+krum"``.
+
+    Returns
+    -------
+    tuple of str
+        ``(rule, pre_aggregation)``, the run-config values of ``aggregator`` and
+        ``pre-aggregation``: ``("trimmed-mean", "nnm")``, ``("krum", "clip,nnm")``. The second is
+        ``""`` when the name has no ``+``.
+
+    Raises
+    ------
+    ValueError
+        If a part of the name is empty (``"nnm+"``, ``"+mean"``).
+    """
+    parts = [part.strip() for part in name.split("+")]
+    if any(not part for part in parts):
+        raise ValueError(f"aggregator {name!r}: every part around '+' must name a step, e.g. 'nnm+trimmed-mean'")
+    return parts[-1], ",".join(parts[:-1])
+
+
+def parse_attack_params(text: str, attacks: Sequence[str]) -> dict[str, str]:
+    """Give each attack of the grid its own ``attack-params`` string.
+
+    Parameters
+    ----------
+    text : str
+        Either a plain ``"key=value,..."`` (no ``:``), passed to every attack, or the per-attack
+        form ``"sign-flip:scale=10;backdoor:boost=5,target=0"`` (items split on ``;``, each
+        ``attack:params``), which passes each attack only its own parameters.
+    attacks : sequence of str
+        The grid's attacks.
+
+    Returns
+    -------
+    dict
+        Attack name -> its ``attack-params`` string (``""`` for none); ``"none"`` always gets ``""``.
+
+    Raises
+    ------
+    ValueError
+        For a per-attack item naming an attack that is not in the grid, ``none``, or one attack
+        twice; or a string that mixes the two forms.
+    """
+    params = {attack: "" for attack in attacks}
+    text = (text or "").strip()
+    if not text:
+        return params
+    items = [item.strip() for item in text.split(";") if item.strip()]
+    per_attack = [_is_per_attack_item(item) for item in items]
+    if not any(per_attack):
+        if len(items) > 1:
+            raise ValueError(f"attack-params {text!r}: ';' separates per-attack items like 'sign-flip:scale=10'")
+        return {attack: ("" if attack == NO_ATTACK else items[0]) for attack in attacks}
+    if not all(per_attack):
+        raise ValueError(f"attack-params {text!r} mixes per-attack items ('name:k=v') with plain 'k=v' items; "
+                         "write every item as 'name:k=v'")
+    seen: set[str] = set()
+    for item in items:
+        name, _, values = (part.strip() for part in item.partition(":"))
+        if name == NO_ATTACK:
+            raise ValueError(f"attack-params {text!r}: attack 'none' takes no parameters")
+        if name not in params:
+            raise ValueError(f"attack-params {text!r} names attack {name!r}, which is not in --attacks {list(attacks)}")
+        if name in seen:
+            raise ValueError(f"attack-params {text!r} gives attack {name!r} parameters twice")
+        seen.add(name)
+        params[name] = values
+    return params
+
+
+def _is_per_attack_item(item: str) -> bool:
+    # "name:k=v": a ':' before any '=' (a plain value may itself hold a ':' after its '=').
+    head, sep, _ = item.partition(":")
+    return bool(sep) and "=" not in head
+
+
+def cell_overrides(base: dict[str, Any], cell: Cell, attack_params: dict[str, str], sweep_dir: Path) -> dict[str, Any]:
+    """The run-config overrides of one cell.
+
+    Parameters
+    ----------
+    base : dict
+        The keys the user set for the whole sweep (dash-case).
+    cell : Cell
+    attack_params : dict
+        From :func:`parse_attack_params`.
+    sweep_dir : Path
+        The sweep's ``DIR``.
+
+    Returns
+    -------
+    dict
+        ``base`` with the cell's ``attack``, ``attack-params``, ``aggregator``, ``seed`` and
+        ``out``; ``num-malicious = 0`` for attack ``none``; ``pre-aggregation`` set from the
+        aggregator's name when it has a ``+`` (otherwise the sweep-wide value stays).
+    """
+    rule, pre = split_aggregator(cell.aggregator)
+    overrides = dict(base) | {
+        "attack": cell.attack,
+        "attack-params": attack_params.get(cell.attack, ""),
+        "aggregator": rule,
+        "seed": cell.seed,
+        "out": str(cell.directory(sweep_dir)),
+    }
+    if pre:
+        overrides["pre-aggregation"] = pre
+    if cell.attack == NO_ATTACK:
+        overrides["num-malicious"] = 0
+    return overrides
+
+
+def validate_grid(cells: Sequence[Cell], configs: dict[Cell, dict[str, Any]]) -> None:
+    """Check every cell's settings before the first cell runs, so a typo costs no training.
+
+    Builds each cell's run settings, attack and aggregator (construction only: no data, no
+    training); the first failure raises.
+
+    Raises
+    ------
+    ValueError
+        Naming the cell and what is wrong with it.
+    """
+    import aggregators
+    from server.settings import RunSettings
+    from simulations import attacks as attack_registry
+
+    for cell in cells:
+        config = configs[cell]
+        try:
+            settings = RunSettings.from_run_config(config)
+            if cell.attack != NO_ATTACK:
+                attack_registry.build(cell.attack, **attack_registry.parse_params(settings.attack_params))
+            aggregators.build(settings.aggregator, num_byzantine=settings.num_byzantine,
+                              pre=settings.pre_aggregation_list)
+        except ValueError as exc:
+            hint = ""
+            if "has no parameter" in str(exc):
+                hint = " (give each attack its own parameters: --attack-params 'sign-flip:scale=10;alie:z=1.5')"
+            raise ValueError(f"sweep cell {cell.attack} x {cell.aggregator} (seed {cell.seed}): {exc}{hint}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Cells on disk
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CellResult:
+    """A cell's numbers as read back from its directory.
+
+    ``status`` is ``"ok"`` (every round done), ``"failed"`` (the last attempt raised; ``error``
+    says what), ``"incomplete"`` (a summary with rounds missing) or ``"missing"`` (never run).
+    """
+
+    cell: Cell
+    status: str
+    out: Path
+    final_accuracy: float | None = None
+    best_accuracy: float | None = None
+    backdoor_asr: float | None = None
+    detection: dict[str, float | None] = field(default_factory=dict)
+    rounds_done: int = 0
+    wall_seconds: float | None = None
+    error: str = ""
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def metric(self, name: str) -> float | None:
+        """``final_accuracy``, ``best_accuracy``, ``backdoor_asr``, or a detection key (``auroc``...)."""
+        if name in ("auroc", "precision", "recall"):
+            return self.detection.get(name)
+        return getattr(self, name)
+
+    def csv_row(self) -> dict[str, Any]:
+        """The cell's results.csv row (empty strings for values it does not have)."""
+        return {
+            "attack": self.cell.attack,
+            "aggregator": self.cell.aggregator,
+            "seed": self.cell.seed,
+            "status": self.status,
+            "final_accuracy": _csv_number(self.final_accuracy),
+            "best_accuracy": _csv_number(self.best_accuracy),
+            "backdoor_asr": _csv_number(self.backdoor_asr),
+            "detection_auroc": _csv_number(self.detection.get("auroc")),
+            "detection_precision": _csv_number(self.detection.get("precision")),
+            "detection_recall": _csv_number(self.detection.get("recall")),
+            "rounds_done": self.rounds_done,
+            "wall_seconds": _csv_number(self.wall_seconds),
+            "out": str(self.out),
+            "error": self.error,
+        }
+
+
+def _csv_number(value: float | None) -> str:
+    return "" if value is None or not math.isfinite(value) else repr(float(value))
+
+
+def read_cell(cell: Cell, sweep_dir: Path) -> CellResult:
+    """Read one cell's ``summary.json`` (and ``error.txt``) back; never raises on a broken cell."""
+    directory = cell.directory(sweep_dir)
+    result = CellResult(cell=cell, status="missing", out=directory)
+    summary = _load_summary(directory / "summary.json")
+    if summary is not None:
+        rounds = [r for r in summary.get("rounds", []) if isinstance(r, dict) and r.get("accuracy") is not None]
+        result.config = dict(summary.get("config") or {})
+        result.rounds_done = len(rounds)
+        result.curve = [(int(r["round"]), float(r["accuracy"])) for r in rounds]
+        result.final_accuracy = summary.get("final_accuracy")
+        result.best_accuracy = summary.get("best_accuracy")
+        result.backdoor_asr = summary.get("backdoor_asr")
+        result.detection = dict(summary.get("detection") or {})
+        result.wall_seconds = summary.get("wall_seconds")
+        result.status = "ok" if _is_complete(summary) else "incomplete"
+    error_file = directory / _ERROR_FILE
+    if error_file.exists():
+        result.status = "failed"
+        result.error = (error_file.read_text().strip().splitlines() or ["failed"])[0]
+    return result
+
+
+def _load_summary(path: Path) -> dict | None:
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
+
+
+def _is_complete(summary: dict) -> bool:
+    """All rounds done, or stopped on purpose (a privacy budget spent)."""
+    planned = (summary.get("config") or {}).get("rounds")
+    done = len(summary.get("rounds") or [])
+    return summary.get("stopped_early") is not None or (planned is not None and done >= int(planned))
+
+
+def is_done(cell_dir: Path, config: dict[str, Any]) -> bool:
+    """Whether a cell can be skipped: a complete summary.json, no error, written with these settings.
+
+    Parameters
+    ----------
+    cell_dir : Path
+    config : dict
+        The cell's full run config (defaults and overrides); ``out`` and ``resume`` do not count.
+    """
+    from server.settings import RunSettings
+
+    summary = _load_summary(Path(cell_dir) / "summary.json")
+    if summary is None or (Path(cell_dir) / _ERROR_FILE).exists() or not _is_complete(summary):
+        return False
+    try:
+        stored = RunSettings.from_run_config(summary.get("config") or {})
+        wanted = RunSettings.from_run_config(config)
+    except ValueError:  # written under another schema of run-config keys: run it again
+        return False
+    return stored.config_hash() == wanted.config_hash()
+
+
+def record_failure(cell_dir: Path, exc: BaseException) -> str:
+    """Write ``error.txt`` for a cell whose run raised; return its one-line description."""
+    line = " <- ".join(f"{type(e).__name__}: {' '.join(str(e).split())}" for e in _exception_chain(exc))
+    Path(cell_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cell_dir) / _ERROR_FILE).write_text(line + "\n\n" + "".join(traceback.format_exception(exc)))
+    return line
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """Platform, CPU count, Python, torch and flwr versions, and the device the runs train on."""
+    import torch
+
+    device = f"cuda ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "cpu"
+    try:
+        flwr_version = metadata.version("flwr")
+    except metadata.PackageNotFoundError:  # pragma: no cover - flwr is a dependency
+        flwr_version = "?"
+    return {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "flwr": flwr_version, "device": device}
+
+
+def command_line(args: argparse.Namespace, overrides: dict[str, Any]) -> str:
+    """The ``python -m simulations sweep ...`` line that reproduces this sweep."""
+    parts = ["python", "-m", "simulations", "sweep", "--attacks", args.attacks, "--aggregators", args.aggregators,
+             "--seeds", args.seeds]
+    for key, value in overrides.items():
+        parts += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    if getattr(args, "verbose", False):
+        parts.append("--verbose")
+    return shlex.join(parts)
+
+
+class Progress:
+    """One stderr line per cell: a text bar, index/total, the cell's accuracy, elapsed time and ETA."""
+
+    def __init__(self, total: int, to_run: int, stream: TextIO | None = None, width: int = 20) -> None:
+        self.total, self.to_run, self.width = total, to_run, width
+        self.stream = stream if stream is not None else sys.stderr
+        self.started = time.perf_counter()
+        self.index = 0
+        self.prefix, self.newline = "", False
+        self.ran_seconds: list[float] = []
+
+    def start(self, cell: Cell, *, newline: bool) -> None:
+        """Announce the cell; :meth:`finish` ends the line (or, with ``newline``, writes a second one).
+
+        ``newline`` is for verbose runs, whose own logs would otherwise land inside the line.
+        """
+        self.index += 1
+        self.newline = newline
+        self.prefix = (f"{self._bar()} {self.index:>{len(str(self.total))}}/{self.total} "
+                       f"{cell.attack} x {cell.aggregator}, seed {cell.seed}: ")
+        self.stream.write(self.prefix + ("running\n" if newline else ""))
+        self.stream.flush()
+
+    def finish(self, result: CellResult, *, ran_seconds: float | None) -> None:
+        """End the cell's line with its outcome, the elapsed time and the ETA."""
+        if ran_seconds is not None:
+            self.ran_seconds.append(ran_seconds)
+        if result.status == "failed":
+            outcome = f"FAILED ({result.error})"
+        elif result.final_accuracy is None:
+            outcome = result.status
+        else:
+            outcome = f"final accuracy {result.final_accuracy:.4f}"
+        how = "skipped, done before" if ran_seconds is None else f"{ran_seconds:.1f} s"
+        elapsed = time.perf_counter() - self.started
+        self.stream.write((self.prefix if self.newline else "") + f"{outcome} ({how}) | elapsed {_clock(elapsed)}, ETA {self._eta()}\n")
+        self.stream.flush()
+
+    def _bar(self) -> str:
+        filled = round(self.width * self.index / max(self.total, 1))
+        return "[" + "#" * filled + "." * (self.width - filled) + "]"
+
+    def _eta(self) -> str:
+        left = self.to_run - len(self.ran_seconds)
+        if left <= 0:
+            return _clock(0)
+        if not self.ran_seconds:
+            return "?"
+        return _clock(left * float(np.mean(self.ran_seconds)))
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+@contextlib.contextmanager
+def _quiet_cell(cell_dir: Path, verbose: bool):
+    """Send a cell's round table to its stdout.log and hide Flower's INFO lines, unless verbose."""
+    if verbose:
+        yield
+        return
+    cell_dir.mkdir(parents=True, exist_ok=True)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    flwr_logger.setLevel(logging.WARNING)
+    try:
+        with open(cell_dir / _LOG_FILE, "w") as log_file, contextlib.redirect_stdout(log_file):
+            yield
+    finally:
+        flwr_logger.setLevel(level)
+
+
+def run_cell(overrides: dict[str, Any], cell: Cell, sweep_dir: Path, *, verbose: bool = False) -> CellResult:
+    """Run one cell's federation; a run that raises is recorded in its ``error.txt``, not raised.
+
+    Returns
+    -------
+    CellResult
+        Read back from the cell's directory (``status`` ``"failed"`` when the run raised or stopped
+        short of its rounds).
+    """
+    from simulations.harness import run_federation
+
+    cell_dir = cell.directory(sweep_dir)
+    (cell_dir / _ERROR_FILE).unlink(missing_ok=True)
+    try:
+        with _quiet_cell(cell_dir, verbose):
+            summary = run_federation(overrides, verbose=verbose)
+        if not _is_complete(summary):
+            raise RuntimeError(f"the run stopped after {len(summary.get('rounds') or [])} of "
+                               f"{summary['config']['rounds']} rounds")
+    except Exception as exc:  # one broken cell must not stop the grid: record it and go on
+        record_failure(cell_dir, exc)
+    return read_cell(cell, sweep_dir)
+
+
+def sweep_command(args: argparse.Namespace, defaults: dict[str, Any], overrides: dict[str, Any]) -> int:
+    """Run the grid ``--attacks`` x ``--aggregators`` x ``--seeds`` and write the result files.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        ``attacks``, ``aggregators``, ``seeds`` (comma lists) and ``verbose``.
+    defaults : dict
+        Every run-config key with its default (``[tool.flwr.app.config]``).
+    overrides : dict
+        The run-config keys the user set; ``out`` (default ``defaults["out"]``) is the sweep's DIR.
+
+    Returns
+    -------
+    int
+        0 when every cell finished, 1 when some failed (they are in results.csv with their error).
+
+    Raises
+    ------
+    ValueError
+        For a bad grid (unknown attack or aggregator, a parameter an attack does not take, a bad
+        seed...), before any cell runs.
+    """
+    sweep_dir = Path(str(overrides.get("out", defaults["out"]))).expanduser().resolve()
+    attacks = split_names(args.attacks, "--attacks")
+    aggregator_names = split_names(args.aggregators, "--aggregators")
+    seeds = parse_seeds(args.seeds)
+    attack_params = parse_attack_params(str(overrides.get("attack-params", "")), attacks)
+    base = {k: v for k, v in overrides.items() if k not in ("out", "attack-params")}
+    cells = [Cell(a, g, s) for a in attacks for g in aggregator_names for s in seeds]
+    configs = {cell: cell_overrides(base, cell, attack_params, sweep_dir) for cell in cells}
+    validate_grid(cells, {cell: defaults | configs[cell] for cell in cells})
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(sweep_dir / _SWEEP_FILE, {
+        "command": command_line(args, overrides),
+        "attacks": attacks, "aggregators": aggregator_names, "seeds": seeds,
+        "attack_params": attack_params, "settings": base, "machine": machine_info(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+    done = {cell for cell in cells if is_done(cell.directory(sweep_dir), defaults | configs[cell])}
+    progress = Progress(len(cells), len(cells) - len(done))
+    print(f"sweep: {len(attacks)} attacks x {len(aggregator_names)} aggregators x {len(seeds)} seeds = "
+          f"{len(cells)} cells ({len(done)} done before) -> {sweep_dir}", file=sys.stderr, flush=True)
+    results: list[CellResult] = []
+    try:
+        for cell in cells:
+            progress.start(cell, newline=args.verbose)
+            if cell in done:
+                results.append(read_cell(cell, sweep_dir))
+                progress.finish(results[-1], ran_seconds=None)
+                continue
+            started = time.perf_counter()
+            results.append(run_cell(configs[cell], cell, sweep_dir, verbose=args.verbose))
+            progress.finish(results[-1], ran_seconds=time.perf_counter() - started)
+    finally:  # an interrupted sweep still leaves the tables of the cells it finished
+        written = write_outputs(sweep_dir)
+    failed = [r for r in results if r.status != "ok"]
+    print(f"sweep: {len(results) - len(failed)} of {len(cells)} cells ok; wrote "
+          + ", ".join(p.name for p in written.values()) + f" in {sweep_dir}", file=sys.stderr, flush=True)
+    for result in failed:
+        print(f"  {result.status}: {result.cell.name}: {result.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables and figures
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepGrid:
+    """What :func:`write_outputs` reports on: the grid, with the command and machine when known."""
+
+    attacks: list[str]
+    aggregators: list[str]
+    seeds: list[int]
+    command: str | None = None
+    machine: dict[str, Any] | None = None
+
+    @property
+    def cells(self) -> list[Cell]:
+        """Every cell, attack-major, in the order of the command line."""
+        return [Cell(a, g, s) for a in self.attacks for g in self.aggregators for s in self.seeds]
+
+
+def load_grid(sweep_dir: Path) -> SweepGrid:
+    """The grid of ``DIR/sweep.json``, or, without it, the one the cell directories spell.
+
+    Raises
+    ------
+    ValueError
+        If ``DIR`` holds neither sweep.json nor cell directories.
+    """
+    sweep_dir = Path(sweep_dir)
+    spec = _load_summary(sweep_dir / _SWEEP_FILE)
+    if spec is not None:
+        return SweepGrid(list(spec["attacks"]), list(spec["aggregators"]), [int(s) for s in spec["seeds"]],
+                         spec.get("command"), spec.get("machine"))
+    parsed = []
+    for path in sorted((sweep_dir / "cells").glob("*__*__*")):
+        attack, aggregator, seed = path.name.rsplit("__", 2)
+        if seed.lstrip("-").isdigit():
+            parsed.append((attack, aggregator, int(seed)))
+    if not parsed:
+        raise ValueError(f"{sweep_dir} holds no {_SWEEP_FILE} and no cells/<attack>__<aggregator>__<seed> directories")
+    attacks = sorted({p[0] for p in parsed}, key=lambda a: (a != NO_ATTACK, a))
+    return SweepGrid(attacks, sorted({p[1] for p in parsed}), sorted({p[2] for p in parsed}))
+
+
+def accuracy_table(results: Sequence[CellResult], attacks: Sequence[str],
+                   aggregators: Sequence[str], metric: str = "final_accuracy") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean, standard deviation and count over seeds of one metric, attacks x aggregators.
+
+    Only cells with status ``ok`` count; a (attack, aggregator) with none is NaN. The standard
+    deviation is the sample one (``ddof=1``), 0 for a single seed.
+
+    Returns
+    -------
+    tuple of ndarray
+        ``(mean, std, count)``, each of shape ``(len(attacks), len(aggregators))``.
+    """
+    shape = (len(attacks), len(aggregators))
+    mean, std, count = np.full(shape, np.nan), np.full(shape, np.nan), np.zeros(shape, dtype=int)
+    for i, attack in enumerate(attacks):
+        for j, aggregator in enumerate(aggregators):
+            values = [r.metric(metric) for r in results
+                      if r.cell.attack == attack and r.cell.aggregator == aggregator and r.status == "ok"]
+            values = np.array([v for v in values if v is not None], dtype=float)
+            count[i, j] = values.size
+            if values.size:
+                mean[i, j] = values.mean()
+                std[i, j] = values.std(ddof=1) if values.size > 1 else 0.0
+    return mean, std, count
+
+
+def worst_case(mean: np.ndarray, attacks: Sequence[str]) -> np.ndarray | None:
+    """Per aggregator, its lowest mean accuracy over the attacks (``none`` left out).
+
+    An aggregator with a missing or failed attack has an unknown worst case (NaN). Returns None
+    when the grid has no attack besides ``none``.
+    """
+    rows = [i for i, attack in enumerate(attacks) if attack != NO_ATTACK]
+    if not rows:
+        return None
+    return mean[rows].min(axis=0)  # NaN propagates: a failed attack leaves the worst case unknown
+
+
+def write_outputs(out_dir: Path | str) -> dict[str, Path]:
+    """Rebuild results.csv, heatmap.png, curves.png and results.md from the cells on disk.
+
+    Parameters
+    ----------
+    out_dir : Path or str
+        The sweep's DIR (holding ``sweep.json`` and ``cells/``).
+
+    Returns
+    -------
+    dict
+        ``{"csv": ..., "heatmap": ..., "curves": ..., "markdown": ...}`` paths.
+    """
+    out_dir = Path(out_dir).expanduser().resolve()
+    grid = load_grid(out_dir)
+    results = [read_cell(cell, out_dir) for cell in grid.cells]
+    written = {"csv": out_dir / "results.csv", "heatmap": out_dir / "heatmap.png",
+               "curves": out_dir / "curves.png", "markdown": out_dir / "results.md"}
+    _write_csv(results, written["csv"])
+    _write_heatmap(results, grid, written["heatmap"])
+    _write_curves(results, grid, written["curves"])
+    written["markdown"].write_text(results_markdown(results, grid))
+    return written
+
+
+def _write_csv(results: Sequence[CellResult], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for result in results:
+            writer.writerow(result.csv_row())
+
+
+def _write_heatmap(results: Sequence[CellResult], grid: SweepGrid, path: Path) -> None:
+    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no global backend state; savefig renders with Agg
+
+    mean, _, _ = accuracy_table(results, grid.attacks, grid.aggregators)
+    worst = worst_case(mean, grid.attacks)
+    rows = list(grid.attacks) + ([WORST_CASE] if worst is not None else [])
+    matrix = np.vstack([mean, worst[None, :]]) if worst is not None else mean
+    fig = Figure(figsize=(1.6 + 1.1 * len(grid.aggregators), 1.2 + 0.5 * len(rows)), layout="constrained")
+    ax = fig.add_subplot()
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="lightgrey")  # grey: failed or missing
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=cmap, vmin=0.0, vmax=1.0, aspect="auto")
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            value = matrix[i, j]
+            ax.text(j, i, "n/a" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=9,
+                    fontweight="bold" if rows[i] == WORST_CASE else "normal")
+    if worst is not None:
+        ax.axhline(len(grid.attacks) - 0.5, color="black", linewidth=2)
+    ax.set_xticks(range(len(grid.aggregators)), grid.aggregators, rotation=30, ha="right")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("aggregator")
+    ax.set_ylabel("attack")
+    seeds = ", ".join(map(str, grid.seeds))
+    ax.set_title(f"final accuracy, mean over seeds {seeds}", fontsize=10)
+    fig.colorbar(image, ax=ax, label="accuracy")
+    fig.savefig(path, dpi=120)
+
+
+def _write_curves(results: Sequence[CellResult], grid: SweepGrid, path: Path) -> None:
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    columns = min(3, len(grid.attacks))
+    panel_rows = math.ceil(len(grid.attacks) / columns)
+    fig = Figure(figsize=(4.2 * columns, 3.2 * panel_rows), layout="constrained")
+    axes = fig.subplots(panel_rows, columns, squeeze=False, sharey=True)
+    for index, attack in enumerate(grid.attacks):
+        ax = axes[index // columns][index % columns]
+        for aggregator in grid.aggregators:
+            by_round: dict[int, list[float]] = {}
+            for r in results:
+                if r.cell.attack == attack and r.cell.aggregator == aggregator and r.status == "ok":
+                    for round_number, accuracy in r.curve:
+                        by_round.setdefault(round_number, []).append(accuracy)
+            if by_round:
+                xs = sorted(by_round)
+                ax.plot(xs, [np.mean(by_round[x]) for x in xs], marker="o", markersize=3, label=aggregator)
+        ax.set_title(attack if attack != NO_ATTACK else "none (clean)", fontsize=10)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+        if index % columns == 0:
+            ax.set_ylabel("test accuracy")
+    for index in range(len(grid.attacks), panel_rows * columns):
+        axes[index // columns][index % columns].set_visible(False)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right center", fontsize=9)
+    fig.suptitle(f"accuracy per round, mean over seeds {', '.join(map(str, grid.seeds))}", fontsize=11)
+    fig.savefig(path, dpi=120)
+
+
+def results_markdown(results: Sequence[CellResult], grid: SweepGrid) -> str:
+    """The results.md text: tables of mean +- std over seeds, failures, command line and machine."""
+    seeds = ", ".join(map(str, grid.seeds))
+    lines = ["# Sweep results", ""]
+    if grid.command:
+        lines += ["Command:", "", "```", grid.command, "```", ""]
+    if grid.machine:
+        m = grid.machine
+        lines += [f"Machine: {m.get('platform')}, {m.get('cpu_count')} CPUs, Python {m.get('python')}, "
+                  f"torch {m.get('torch')}, flwr {m.get('flwr')}, device {m.get('device')}.", ""]
+    ok = sum(r.status == "ok" for r in results)
+    wall = sum(r.wall_seconds or 0.0 for r in results if r.status == "ok")
+    lines += [f"{ok} of {len(results)} cells finished; {wall / 60:.1f} min of simulation in all. Values are "
+              f"mean ± std over seeds {seeds} (a cell that failed or did not finish is left out).", ""]
+    lines += _markdown_table("Final accuracy", results, grid, "final_accuracy", with_worst_case=True)
+    lines += _markdown_table("Best accuracy over rounds", results, grid, "best_accuracy", with_worst_case=False)
+    if any(r.backdoor_asr is not None for r in results):
+        lines += _markdown_table("Backdoor attack success rate", results, grid, "backdoor_asr",
+                                 with_worst_case=False)
+    if any(r.detection.get("auroc") is not None for r in results):
+        lines += _markdown_table("Detection AUROC (attackers vs honest clients)", results, grid, "auroc",
+                                 with_worst_case=False)
+    problems = [r for r in results if r.status != "ok"]
+    if problems:
+        lines += ["## Cells without results", ""]
+        lines += [f"- `{r.cell.name}`: {r.status}" + (f": {r.error}" if r.error else "") for r in problems]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _markdown_table(title: str, results: Sequence[CellResult], grid: SweepGrid, metric: str, *,
+                    with_worst_case: bool) -> list[str]:
+    mean, std, count = accuracy_table(results, grid.attacks, grid.aggregators, metric)
+    lines = [f"## {title}", "", "| attack \\ aggregator | " + " | ".join(grid.aggregators) + " |",
+             "|---|" + "---|" * len(grid.aggregators)]
+    for i, attack in enumerate(grid.attacks):
+        cells = [_mean_std(mean[i, j], std[i, j], count[i, j]) for j in range(len(grid.aggregators))]
+        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    worst = worst_case(mean, grid.attacks) if with_worst_case else None
+    if worst is not None:
+        lines.append(f"| **{WORST_CASE}** | " + " | ".join("n/a" if np.isnan(w) else f"**{w:.3f}**" for w in worst)
+                     + " |")
+    return lines + [""]
+
+
+def _mean_std(mean: float, std: float, count: int) -> str:
+    if count == 0 or np.isnan(mean):
+        return "n/a"
+    return f"{mean:.3f}" if count == 1 else f"{mean:.3f} ± {std:.3f}"
