@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import datetime
 import ipaddress
 import json
@@ -267,7 +268,7 @@ def flower_environment(flwr_home: Path) -> dict[str, str]:
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), *filter(None, [env.get("PATH")])]),
         "PYTHONUNBUFFERED": "1",
     })
     return env
@@ -288,6 +289,8 @@ class ProcessInfo:
 
 def list_processes() -> list[ProcessInfo]:
     """Every live (non-zombie) process, read from /proc."""
+    if not Path("/proc/self/stat").exists():
+        raise DeploymentError("process supervision reads /proc: server.deployment runs on Linux only")
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -306,10 +309,15 @@ def list_processes() -> list[ProcessInfo]:
 
 
 def flower_processes(markers: Iterable[str]) -> list[ProcessInfo]:
-    """Live Flower processes whose command line contains one of ``markers`` (a work dir, ``host:port``)."""
-    markers = [m for m in markers if m]
+    """Live Flower processes whose command line contains one of ``markers`` (a work dir, ``host:port``).
+
+    A marker counts only as a whole path or address: ``127.0.0.1:4613`` does not match
+    ``127.0.0.1:46135`` and ``/tmp/dep`` does not match ``/tmp/dep2``.
+    """
+    patterns = [re.compile(re.escape(m) + r"(?=$|[\s/'\"=,])") for m in markers if m]
     return [p for p in list_processes()
-            if any(name in p.cmdline for name in FLOWER_PROCESS_NAMES) and any(m in p.cmdline for m in markers)]
+            if any(name in p.cmdline for name in FLOWER_PROCESS_NAMES)
+            and any(pattern.search(p.cmdline) for pattern in patterns)]
 
 
 def _alive(pid: int) -> bool:
@@ -318,6 +326,19 @@ def _alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError):
         return False
     return stat[stat.rfind(")") + 2:].split()[0] != "Z"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec (Linux): SIGTERM it when the thread that started it dies.
+
+    So a SuperLink or SuperNode does not outlive a test runner killed with SIGKILL, where no
+    ``finally`` or atexit handler runs. Their SuperExecs watch their parent's pid and follow.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _signal(pid: int, sig: signal.Signals) -> None:
@@ -331,7 +352,9 @@ def _signal(pid: int, sig: signal.Signals) -> None:
 class Supervisor:
     """Starts processes in their own sessions and stops all of them and everything they spawned.
 
-    ``stop`` runs at interpreter exit too (atexit), and is idempotent.
+    ``stop`` runs at interpreter exit too (atexit), and is idempotent. A started process also gets
+    SIGTERM from the kernel if the thread that started it dies (call ``spawn`` from a thread that
+    lives as long as the deployment, e.g. the main thread).
 
     Parameters
     ----------
@@ -355,7 +378,8 @@ class Supervisor:
         """Start ``argv`` in a new session, stdout and stderr to ``log``."""
         with log.open("ab") as out:
             process = subprocess.Popen([str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out,
-                                       stderr=subprocess.STDOUT, env=dict(env), cwd=cwd, start_new_session=True)
+                                       stderr=subprocess.STDOUT, env=dict(env), cwd=cwd, start_new_session=True,
+                                       preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         self.processes.append(process)
         return process
 
@@ -762,6 +786,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     key.add_argument("name")
     key.add_argument("--out", type=Path, default=Path("."), help="directory (default: .)")
     args = parser.parse_args(argv)
+
+    # SIGTERM/SIGHUP to this command unwind through the deployment's cleanup instead of skipping it.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
     if args.command == "node-key":
         pair = make_node_key(args.out, args.name)

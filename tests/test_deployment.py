@@ -169,13 +169,53 @@ def test_supervisor_stops_a_detached_grandchild_and_kills_what_ignores_sigterm(t
     supervisor = Supervisor(grace=0.5)
     log = tmp_path / "parent.log"
     parent = supervisor.spawn([sys.executable, "-c", script], log, os.environ)
-    deadline = time.monotonic() + 20
-    while not log.read_text().strip() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    child = int(log.read_text().split()[0])
+    child = int(_wait_for_line(log).split()[0])
     assert _alive(parent.pid) and _alive(child)
     supervisor.stop()
     assert parent.returncode == -signal.SIGKILL
+    assert not _alive(child)
+
+
+def _wait_for_line(path: Path, timeout: float = 20.0) -> str:
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and path.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return path.read_text().strip()
+
+
+def test_process_markers_match_whole_paths_and_addresses_only(tmp_path):
+    # A process that looks like another deployment's SuperLink: its dir and port extend ours.
+    other_dir = tmp_path / "dep2"
+    supervisor = Supervisor(grace=1.0)
+    supervisor.spawn([sys.executable, "-c", "import time; time.sleep(60)", "flower-superlink",
+                      f"{other_dir}/tls/ca.crt", "127.0.0.1:46135"], tmp_path / "fake.log", os.environ)
+    try:
+        assert flower_processes([str(tmp_path / "dep"), "127.0.0.1:4613"]) == []
+        assert len(flower_processes([str(other_dir)])) == 1
+        assert len(flower_processes(["127.0.0.1:46135"])) == 1
+    finally:
+        supervisor.stop()
+    assert flower_processes([str(other_dir)]) == []
+
+
+def test_started_processes_get_sigterm_when_their_starter_is_killed(tmp_path):
+    # SIGKILL skips every finally and atexit handler: the kernel's parent-death signal still stops the child.
+    script = ("import os, sys, time\n"
+              "from pathlib import Path\n"
+              "from server.deployment import Supervisor\n"
+              "child = Supervisor().spawn([sys.executable, '-c', 'import time; time.sleep(120)'],\n"
+              "                           Path(sys.argv[1]), os.environ)\n"
+              "print(child.pid, flush=True)\n"
+              "time.sleep(120)\n")
+    starter = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "child.log")], stdout=subprocess.PIPE,
+                               text=True, cwd=Path(__file__).resolve().parents[1])
+    child = int(starter.stdout.readline())
+    assert _alive(child)
+    starter.kill()
+    starter.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert not _alive(child)
 
 
