@@ -199,8 +199,9 @@ class TrimmedMean:
             # swallow the honest values in the subtraction).
             vector[cols] = (kept.to(torch.float64).sum(dim=1) / (n - 2 * f)).to(updates.dtype)
             outside = (block < ordered[:, f]) | (block > ordered[:, n - f - 1])
-            trimmed += outside.sum(dim=1, dtype=torch.float64)
-            selected |= ~outside.all(dim=1)
+            count = outside.sum(dim=1)
+            trimmed += count
+            selected |= count < block.shape[1]  # kept in at least one coordinate of the chunk
         return AggregationResult(vector, trimmed / d, selected)
 
     def sensitivity(self, clip_norm: float, n: int) -> float:
@@ -278,6 +279,7 @@ def mean_around_median(updates: Tensor, keep: int, max_chunk_bytes: int) -> tupl
         window = torch.gather(ordered, 1, start[:, None] + offsets)
         vector[cols] = (window.to(torch.float64).sum(dim=1) / keep).to(updates.dtype)
         outside = (block < window[:, 0]) | (block > window[:, -1])
-        excluded += outside.sum(dim=1, dtype=torch.float64)
-        selected |= ~outside.all(dim=1)
+        count = outside.sum(dim=1)
+        excluded += count
+        selected |= count < block.shape[1]  # kept in at least one coordinate of the chunk
     return vector, excluded, selected

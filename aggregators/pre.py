@@ -73,8 +73,10 @@ class Clip:
         validate_updates("clip", updates)
         norms = sq_norms(updates).sqrt()
         factors = torch.where(norms > self.norm, self.norm / norms.clamp(min=1e-300), torch.ones_like(norms))
-        # Rounding of x * factor can exceed the threshold by an ulp; shrink by one ulp of float32.
-        factors = torch.where(norms > self.norm, factors * (1 - 2**-23), factors)
+        # Rounding x * factor in the input dtype can overshoot the threshold by a few ulps; shrink
+        # clipped rows by a few ulps of that dtype so ||clipped|| <= norm holds exactly (DP relies on it).
+        slack = 4 * torch.finfo(updates.dtype).eps
+        factors = torch.where(norms > self.norm, factors * (1 - slack), factors)
         return _scale_rows(updates, factors), torch.diag(factors)
 
     def transform_sensitivity(self, clip_norm: float, n: int) -> Tuple[float, int]:

@@ -19,7 +19,7 @@ Compared kernels (each on the same stack, already in memory):
   ``--flower-budget-s``).
 - A numpy reference trimmed mean: ``np.sort(stack, axis=0)[f:n-f].mean(axis=0)``.
 
-Every timing is the minimum over at least ``--repeats`` calls (more for fast kernels, until 1 s
+Every timing is the minimum over at least ``--repeats`` calls (more for fast kernels, until 0.5 s
 was spent) after one warm-up call: the minimum, because the machine may be shared and slower calls
 measure other processes. Kernels slower than 2 s a call are timed once. The column "max |diff|" is the largest coordinate difference from Phalanx's output.
 
@@ -38,8 +38,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-import numpy as np
-import torch
+
+def _threads_from_argv(argv: Sequence[str]) -> Optional[str]:
+    """``--threads N`` must act before numpy/torch load their thread pools, so read it early."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--threads="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+_THREADS = _threads_from_argv(sys.argv[1:]) if __name__ == "__main__" else None
+if _THREADS is not None:
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = _THREADS
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+if _THREADS is not None:
+    torch.set_num_threads(int(_THREADS))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
@@ -48,8 +67,8 @@ if str(REPO_ROOT) not in sys.path:
 import aggregators  # noqa: E402
 
 SLOW_CALL_S = 2.0
-MIN_TOTAL_S = 1.0
-MAX_CALLS = 30
+MIN_TOTAL_S = 0.5
+MAX_CALLS = 20
 
 
 @dataclass
@@ -218,7 +237,8 @@ def machine_description(device: torch.device) -> str:
     except OSError:
         pass
     parts = [
-        f"CPU: {model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
+        f"CPU: {model}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}"
+        + (f" (--threads {_THREADS}: OMP/OpenBLAS too)" if _THREADS is not None else ""),
         f"Python {platform.python_version()}, torch {torch.__version__}, numpy {np.__version__}",
     ]
     try:
@@ -253,7 +273,7 @@ def render(
         f"- Device for Phalanx: {device}; Flower's kernels are numpy on CPU.",
         f"- Total benchmark wall time: {wall:.0f} s",
         "- Input: float32, n - f rows `1 + 0.01 N(0,1)`, f rows shifted by +10, f = max(1, n // 10).",
-        "- Seconds: minimum over >= 3 calls (fast kernels: until 1 s spent, <= 30 calls) after a warm-up; kernels over 2 s timed once.",
+        "- Seconds: minimum over >= 3 calls (fast kernels: until 0.5 s spent, <= 20 calls) after a warm-up; kernels over 2 s timed once.",
         "- max |diff|: largest coordinate difference from Phalanx's output for the same rule (blank: no comparable output).",
         "",
     ]
@@ -271,7 +291,20 @@ def render(
             lines.append(f"| {t.rule} | {t.implementation} | {seconds} | {ratio} | {diff} | {t.note} |")
         lines.append("")
     lines += [
-        "\"vs Phalanx\" is the baseline's time divided by Phalanx's time for the same rule (above 1: Phalanx is faster).",
+        "## Reading the tables",
+        "",
+        "- \"vs Phalanx\": the baseline's time divided by Phalanx's for the same rule (above 1: Phalanx is faster).",
+        "- Phalanx's rules do more per call than Flower's kernels: they reject NaN/Inf rows, accumulate in",
+        "  float64, and compute per-client `scores` and `selected` (an extra pass over the stack for most rules).",
+        "- A non-zero diff for Krum means the two picked different rows: Flower computes",
+        "  |x|^2 + |y|^2 - 2 x.y in float32 on the raw rows, which cancels when rows are close to each other",
+        "  and far from 0; Phalanx's choice matches a float64 `torch.cdist` reference",
+        "  (tests/test_aggregators_exactness.py). Diffs ~1e-7 are float32 rounding of the averages.",
+        "- Bulyan differs by definition: Flower's message API picks theta rows with one MultiKrum pass,",
+        "  its legacy version iterates Krum with index tie-breaks; Phalanx iterates Krum (El Mhamdi et al. 2018)",
+        "  with order-free tie-breaks.",
+        "- On a shared machine, timings of multi-threaded kernels measure the other processes too; the",
+        "  load average at start is in the machine line. `--threads 1` makes runs comparable under load.",
         "",
     ]
     if study is not None:
@@ -305,6 +338,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-flower", action="store_true", help="time Phalanx only")
     parser.add_argument("--flower-budget-s", type=float, default=30.0, help="skip Flower legacy Bulyan above this projected time")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch, OpenMP and OpenBLAS (set before they load); default: library defaults",
+    )
     parser.add_argument("--no-study", action="store_true", help="skip the CPU order-statistics kernel study")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "benchmarks.md"))
     args = parser.parse_args(argv)
