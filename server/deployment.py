@@ -308,6 +308,10 @@ def list_processes() -> list[ProcessInfo]:
     return found
 
 
+def _is_flower(process: ProcessInfo) -> bool:
+    return any(name in process.cmdline for name in FLOWER_PROCESS_NAMES)
+
+
 def flower_processes(markers: Iterable[str]) -> list[ProcessInfo]:
     """Live Flower processes whose command line contains one of ``markers`` (a work dir, ``host:port``).
 
@@ -315,9 +319,7 @@ def flower_processes(markers: Iterable[str]) -> list[ProcessInfo]:
     ``127.0.0.1:46135`` and ``/tmp/dep`` does not match ``/tmp/dep2``.
     """
     patterns = [re.compile(re.escape(m) + r"(?=$|[\s/'\"=,])") for m in markers if m]
-    return [p for p in list_processes()
-            if any(name in p.cmdline for name in FLOWER_PROCESS_NAMES)
-            and any(pattern.search(p.cmdline) for pattern in patterns)]
+    return [p for p in list_processes() if _is_flower(p) and any(pattern.search(p.cmdline) for pattern in patterns)]
 
 
 def _alive(pid: int) -> bool:
@@ -389,12 +391,17 @@ class Supervisor:
 
 
 def process_family(processes: Sequence[subprocess.Popen]) -> set[int]:
-    """Live pids of ``processes`` (started with ``start_new_session``), their descendants and session members."""
+    """Live pids of ``processes`` (started with ``start_new_session``), their descendants and session members.
+
+    A process counts by session alone (its parent already gone) only if it is a Flower process: a
+    recycled pid of an exited process must not pull an unrelated session in.
+    """
     table = list_processes()
     members = {p.pid for p in processes if p.poll() is None}
     sessions = {p.pid for p in processes}
     while True:
-        grown = {p.pid for p in table if p.ppid in members or p.session in sessions} - members
+        grown = {p.pid for p in table
+                 if p.ppid in members or (p.session in sessions and _is_flower(p))} - members
         if not grown:
             return members
         members |= grown
@@ -403,7 +410,9 @@ def process_family(processes: Sequence[subprocess.Popen]) -> set[int]:
 
 
 def terminate(processes: Sequence[subprocess.Popen], markers: Sequence[str] = (), grace: float = 5.0) -> None:
-    """SIGTERM ``processes``, what they spawned and the Flower processes matching ``markers``; SIGKILL after ``grace`` s.
+    """SIGTERM ``processes``, what they spawned and the Flower processes matching ``markers``.
+
+    What is still alive ``grace`` seconds later gets SIGKILL.
 
     The family is read before any signal is sent: once a parent is gone its children are
     reparented and the tree no longer leads to them. Repeated (at most three times) because a
@@ -716,7 +725,8 @@ def run_local_deployment(workdir: Path, num_nodes: int = 2, rounds: int = 2,
             deployment.start_supernode("unregistered", intruder, {"partition-id": 0, "num-partitions": num_nodes})
         for name, node_id in node_ids.items():
             if (logged := deployment.wait_for_node_id(name)) != node_id:
-                raise DeploymentError(f"SuperNode {name} runs as node {logged}, but its key was registered as {node_id}")
+                raise DeploymentError(f"SuperNode {name} runs as node {logged}, but its key was registered "
+                                      f"as {node_id}")
         refused = deployment.wait_for_refusal("unregistered") if check_unregistered else None
 
         code = deployment.run(config, timeout=timeout if timeout is not None else 120.0 + 60.0 * rounds)
@@ -787,16 +797,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     key.add_argument("--out", type=Path, default=Path("."), help="directory (default: .)")
     args = parser.parse_args(argv)
 
-    # SIGTERM/SIGHUP to this command unwind through the deployment's cleanup instead of skipping it.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
-
     if args.command == "node-key":
         pair = make_node_key(args.out, args.name)
         print(f"private key {pair.private_key} (keep it on the SuperNode)\npublic key  {pair.public_key} "
               f"(give it to the SuperLink operator: flwr supernode register {pair.public_key} <connection>)")
         return 0
 
+    # SIGTERM/SIGHUP to this command unwind through the deployment's cleanup instead of skipping it.
+    previous = {sig: signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+                for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         report = run_local_deployment(args.workdir, num_nodes=args.nodes, rounds=args.rounds,
                                       run_config=_parse_settings(args.set),
@@ -804,6 +813,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DeploymentError, ValueError) as err:
         print(f"deployment failed: {err}", file=sys.stderr)
         return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     print(f"SuperLink {report.superlink_address} (TLS, SuperNode authentication)")
     for name, node_id in report.node_ids.items():
         print(f"  {name}: node id {node_id}")
