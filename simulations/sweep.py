@@ -350,8 +350,9 @@ def read_cell(cell: Cell, sweep_dir: Path) -> CellResult:
         result.status = "ok" if _is_complete(summary) else "incomplete"
     error_file = directory / _ERROR_FILE
     if error_file.exists():
-        result.status = "failed"
-        result.error = (error_file.read_text().strip().splitlines() or ["failed"])[0]
+        # The numbers on disk, if any, are not this attempt's: report the failure alone.
+        result = CellResult(cell=cell, status="failed", out=directory, rounds_done=result.rounds_done,
+                            error=(error_file.read_text().strip().splitlines() or ["failed"])[0])
     return result
 
 
