@@ -261,7 +261,7 @@ class RobustStrategy(Strategy):
             return None, MetricRecord({"num-valid": len(valid), "num-rejected": len(rejected)})
 
         node_ids = [v.node_id for v in valid]
-        updates = torch.stack([v.update for v in valid]).to(self.device)
+        updates = _stack_updates(valid, self.device)
         weights = torch.tensor([float(v.num_examples) for v in valid], dtype=torch.float64, device=self.device)
         if self.interceptor is not None:
             updates = self.interceptor(server_round, updates, node_ids, [v.metrics for v in valid], self.rule)
@@ -470,6 +470,15 @@ def result_scores(result, keep: torch.Tensor) -> list[float]:
     full = torch.ones(len(keep), dtype=torch.float64)
     full[keep.cpu()] = result.scores.detach().cpu().double()
     return full.tolist()
+
+
+def _stack_updates(valid: list[ValidReply], device: torch.device) -> torch.Tensor:
+    """One (n, d) stack on ``device``, filled row by row so each reply's copy is freed as it goes in."""
+    stack = torch.empty((len(valid), valid[0].update.numel()), dtype=torch.float32, device=device)
+    for row, reply in enumerate(valid):
+        stack[row].copy_(reply.update)
+        reply.update = torch.empty(0)
+    return stack
 
 
 def _weighted_metric(valid: list[ValidReply], key: str) -> float | None:
