@@ -58,14 +58,17 @@ on samples relabelled to one target class. A candidate is a group of at least
 where at least half the window's pixels differ from that pixel's median over the partition by
 half the range or more (so shared background is never a candidate), and at least 80% of the
 group carries one label ``c``. A candidate is **confirmed** when, with the window masked out
-for everyone, at least half of its ``c``-labelled members get a (leave-one-out)
-label-consistency score at or above ``threshold``: the stamped images do not look like class
-``c`` once the patch is hidden, while a natural class-specific pattern still does. Every
-member of a confirmed group is flagged.
+for everyone, at least ``TRIGGER_FLIP_SHARE`` (40%) of its ``c``-labelled members, and at least
+``max(3, 1% of N)`` of them, get a (leave-one-out) label-consistency score at or above
+``threshold``: the stamped images do not look like class ``c`` once the patch is hidden, while a
+natural class-specific pattern still does. (The share is below one half because stamped samples
+that were of class ``c`` all along keep their label, and two stamped samples of the same true
+class vouch for each other.) Every member of a confirmed group is flagged.
 Not covered: blended or low-amplitude triggers (pixels not at the range extremes), 1-pixel
 triggers, triggers that vary between samples, patterns larger than the image, clean-label
 backdoors (trigger added to samples that already are of the target class: masking does not
-change their class), triggers on fewer than ``max(3, 1% of N)`` samples, and non-image data.
+change their class; so a trigger is missed when most stamped samples already were of the
+target class, e.g. a target class that dominates a skewed partition), triggers on fewer than ``max(3, 1% of N)`` samples, and non-image data.
 
 Cost: the pairwise distances and the kernel solve are O(N^2) memory and O(N^3) time, so
 partitions larger than ``BLOCK_SIZE`` are judged in random blocks of at most that size.
@@ -117,6 +120,8 @@ TRIGGER_SIDES = (2, 3)
 TRIGGER_TOLERANCE = 0.1
 #: Share of a candidate group that must carry its most common label.
 TRIGGER_PURITY = 0.8
+#: Share of a candidate's members with its label that must lose that label once the window is masked.
+TRIGGER_FLIP_SHARE = 0.4
 #: Most candidate groups confirmed (largest first); bounds the cost on busy images.
 MAX_TRIGGER_CANDIDATES = 32
 
@@ -474,6 +479,11 @@ def _consistency_scores(z: np.ndarray, y: np.ndarray, rows: np.ndarray, num_clas
 # ---------------------------------------------------------------------------------------------
 
 
+def _min_trigger_group(num_rows: int) -> int:
+    """Fewest samples a trigger group must have: 3, or 1% of a large partition."""
+    return max(3, math.ceil(0.01 * num_rows))
+
+
 def _trigger_candidates(x: np.ndarray, y: np.ndarray, rows: np.ndarray, image_shape: tuple[int, int],
                         lo: float, hi: float) -> list[tuple[np.ndarray, np.ndarray, int]]:
     """Groups sharing an atypical extreme-valued patch with one dominant label.
@@ -490,7 +500,7 @@ def _trigger_candidates(x: np.ndarray, y: np.ndarray, rows: np.ndarray, image_sh
     at_high = images >= hi - TRIGGER_TOLERANCE * span
     extreme = at_high | (images <= lo + TRIGGER_TOLERANCE * span)
     atypical = np.abs(images - np.median(images, axis=0)) >= 0.5 * span
-    min_group = max(3, math.ceil(0.01 * len(rows)))
+    min_group = _min_trigger_group(len(rows))
     groups: dict[bytes, tuple[np.ndarray, set[int], int]] = {}
     for side in TRIGGER_SIDES:
         if side > height or side > width:
@@ -547,8 +557,9 @@ def _confirmed_triggers(x: np.ndarray, y: np.ndarray, rows: np.ndarray, trusted:
         reference = np.union1d(others, judged)
         keep = np.setdiff1d(np.arange(x.shape[1]), pixels)
         masked, _ = _suspicion(x[:, keep], y, reference, reference[:0], num_classes, k, model_fn, seed)
-        of_label = (y[reference] == label) & np.isin(reference, judged)
-        if np.mean(masked[of_label] >= threshold) >= 0.5:
+        lost_label = masked[(y[reference] == label) & np.isin(reference, judged)] >= threshold
+        # A count as well as a share: two odd members of a tiny natural group prove nothing.
+        if lost_label.sum() >= _min_trigger_group(len(rows)) and lost_label.mean() >= TRIGGER_FLIP_SHARE:
             flagged[members] = True
     return flagged, len(candidates)
 
