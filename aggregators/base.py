@@ -15,8 +15,9 @@ import torch
 from torch import Tensor
 
 #: Default bound on the temporary memory a rule uses per chunk of columns. Small chunks stay in
-#: cache and reuse allocator blocks: at n=50, d=1e6 on CPU, 4-16 MiB chunks ran 2-3x faster than
-#: 64-256 MiB ones (docs/benchmarks.md).
+#: cache and reuse allocator blocks: at n=50, d=1e6 on this project's 2-core CPU, 4-16 MiB chunks
+#: ran 2-3x faster than 64-256 MiB ones with 2 threads, and no slower single-threaded (see the
+#: chunk-size rows of docs/benchmarks.md).
 DEFAULT_MAX_CHUNK_BYTES: int = 8 * 1024 * 1024
 
 
