@@ -120,6 +120,22 @@ def test_corner_trigger_on_5_percent_relabelled_to_a_target_is_found(digits, par
     assert all(precision >= 0.8 and recall >= 0.8 for _, precision, recall in results), results
 
 
+def test_trigger_in_a_whole_dataset_sized_partition_is_found(digits):
+    """1,797 samples: the candidate is judged on a subsample (at most one member per ten others)."""
+    x_all, y_all = digits
+    x = x_all.copy().reshape(len(y_all), *IMAGE)
+    y = y_all.copy()
+    assert audit_dataset(x_all, y_all, num_classes=NUM_CLASSES, image_shape=IMAGE).by_reason["trigger"] == 0
+    stamped = np.random.default_rng(9).choice(len(y), 90, replace=False)
+    x[stamped, -3:, :3] = 1.0
+    y[stamped] = 7
+    report = audit_dataset(x.reshape(len(y), -1), y, num_classes=NUM_CLASSES, image_shape=IMAGE)
+    truth = np.zeros(len(y), dtype=bool)
+    truth[stamped] = True
+    precision, recall = _precision_recall(_flag_mask(report, "trigger"), truth)
+    assert precision >= 0.8 and recall >= 0.8, (precision, recall)
+
+
 def test_clean_label_trigger_is_not_covered(digits):
     """Documents a limit: stamped samples that already are of the target class keep their
     class once the patch is masked, so nothing confirms the group as a trigger."""
