@@ -274,7 +274,15 @@ class RobustStrategy(Strategy):
         if self.privacy.mode == "central":
             updates, norms = clip_updates(updates, self._clip_norm())
             record["clip_norm"] = self._clip_norm()
-        vector, keep, scores = self._robust_aggregate(server_round, updates, weights, node_ids, record)
+        try:
+            vector, keep, scores = self._robust_aggregate(server_round, updates, weights, node_ids, record)
+        except ValueError as exc:
+            # e.g. Krum with n <= 2f + 2 once replies were rejected: skip the round, keep the model.
+            log(WARNING, "round %d skipped: the aggregator refused %d updates: %s", server_round, len(valid), exc)
+            record["skipped"] = True
+            record["skip_reason"] = str(exc)
+            self._finish(record, None, started)
+            return None, MetricRecord({"num-valid": len(valid), "num-rejected": len(rejected)})
         if self.privacy.mode != "off":
             vector = self._privatise(vector, keep, record, norms if self.privacy.mode == "central" else None)
 
@@ -335,6 +343,7 @@ class RobustStrategy(Strategy):
             trust = self.reputation.trust_weights(node_ids).to(weights)
             # Once every node is fully distrusted the weights carry no information: stay uniform.
             weights = weights * trust if bool((trust > 0).any()) else weights
+        before = _rule_state(self.rule)
         result = self._call_rule(updates, weights)
         client_scores = score_updates(updates, result.vector, result.scores)
         combined = client_scores.combined
@@ -342,12 +351,24 @@ class RobustStrategy(Strategy):
         keep = torch.ones(len(node_ids), dtype=torch.bool, device=updates.device)
         excluded = self.reputation.excluded(server_round, node_ids, combined.tolist()) & set(node_ids)
         if excluded and len(excluded) < len(node_ids):
+            after_first = _rule_state(self.rule)
             keep = torch.tensor([n not in excluded for n in node_ids], device=updates.device)
-            result = self._call_rule(updates[keep], weights[keep])
+            try:
+                # A stateful rule (centered clipping's centre, a seeded generator) must see this
+                # round once: rewind it to where the round started before aggregating again.
+                _load_rule_state(self.rule, before)
+                result = self._call_rule(updates[keep], weights[keep])
+            except ValueError as exc:
+                _load_rule_state(self.rule, after_first)
+                log(WARNING, "round %d: cannot aggregate without the excluded nodes %s (%s); keeping them",
+                    server_round, sorted(excluded), exc)
+                keep = torch.ones(len(node_ids), dtype=torch.bool, device=updates.device)
+                excluded = set()
+        if bool(keep.all()):
+            selected = result.selected
+        else:
             selected = torch.zeros(len(node_ids), dtype=torch.bool, device=updates.device)
             selected[keep] = result.selected
-        else:
-            selected = result.selected
         record["scores"] = {str(n): float(s) for n, s in zip(node_ids, combined.tolist())}
         record["features"] = {str(row["node_id"]): {k: v for k, v in row.items() if k != "node_id"}
                               for row in client_scores.as_rows(node_ids)}
@@ -461,6 +482,15 @@ class RobustStrategy(Strategy):
                                                 sampling_rate=saved["sampling_rate"], delta=saved["delta"],
                                                 accountant=saved["accountant"])
             self.accountant.load_state_dict(saved)
+
+
+def _rule_state(rule) -> dict | None:
+    return rule.state_dict() if hasattr(rule, "state_dict") else None
+
+
+def _load_rule_state(rule, state: dict | None) -> None:
+    if state is not None:
+        rule.load_state_dict(state)
 
 
 def result_scores(result, keep: torch.Tensor) -> list[float]:

@@ -230,3 +230,36 @@ def test_several_bad_replies_at_once_are_all_rejected(picks, aggregator):
     assert record["accepted"] == HONEST
     assert_same_arrays(arrays, honest_only(aggregator))
 
+
+
+def test_a_round_the_rule_cannot_aggregate_is_skipped_not_raised():
+    """Krum needs n > 2f + 2: after rejections only 3 valid replies remain for f = 1."""
+    strategy = RobustStrategy("krum", num_byzantine=1, seed=0)
+    nodes = [1, 2, 3, 4, 5]
+    messages = {m.metadata.dst_node_id: m for m in strategy.prepare_round(1, global_arrays(), ConfigRecord(), nodes)}
+    replies = [reply(messages[n], honest_content(n)) for n in (1, 2, 3)]
+    replies += [reply(messages[n], CASES["NaN weight"][0]) for n in (4, 5)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is None and strategy.last_record["skipped"]
+    assert "krum" in strategy.last_record["skip_reason"].lower()
+    assert set(strategy.last_record["rejected"]) == {"4", "5"}
+
+
+def test_excluding_flagged_nodes_replays_a_stateful_rule_from_the_round_start():
+    """Centered clipping keeps a centre across rounds; aggregating again without the excluded
+    nodes must start from the previous round's centre, not from one they already moved."""
+    def run(nodes, policy):
+        strategy = RobustStrategy("centered-clipping", seed=0, policy=policy, flag_threshold=0.5)
+        messages = {m.metadata.dst_node_id: m
+                    for m in strategy.prepare_round(1, global_arrays(), ConfigRecord(), nodes)}
+        replies = [reply(messages[n], honest_content(n)) for n in nodes if n != ATTACKER]
+        if ATTACKER in nodes:
+            replies.append(reply(messages[ATTACKER], poisoned(ATTACKER, W, (0, 0), 4.0)))
+        arrays, _ = strategy.aggregate_train(1, replies)
+        return arrays, strategy
+
+    excluded, strategy = run(HONEST + [ATTACKER], "exclude")
+    assert strategy.last_record["excluded"] == [ATTACKER]
+    honest, reference = run(HONEST, "flag")
+    assert_same_arrays(excluded, honest)
+    assert torch.equal(strategy.rule.state_dict()["center"], reference.rule.state_dict()["center"])
