@@ -21,7 +21,8 @@ from client.hooks import attack_role
 from client.model import build_model, training_device
 from client.train import evaluate as evaluate_model
 from client.train import train as train_model
-from server.privacy import clip_update, gaussian_noise_like
+from client.data_audit import apply_policy, audit_dataset
+from server.privacy import privatize_update
 from server.settings import RunSettings
 
 app = ClientApp()
@@ -67,6 +68,26 @@ def _load_flat(model: torch.nn.Module, vector: torch.Tensor) -> None:
     model.load_state_dict(state)
 
 
+def _audit(
+    settings: RunSettings, data: Dataset, x: np.ndarray, y: np.ndarray, partition_id: int, server_round: int
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Audit the local training data before training; only counts leave the client.
+
+    With ``drop-and-review`` the per-sample evidence goes to a local review file for the data
+    owner (``<out>/data-audit/partition-<id>-round-<r>.json``), never to the server.
+    """
+    report = audit_dataset(x, y, num_classes=data.num_classes, image_shape=data.image_shape,
+                           feature_range=data.feature_range, seed=settings.seed)
+    review = None
+    if settings.data_audit == "drop-and-review":
+        review = settings.out_dir / "data-audit" / f"partition-{partition_id}-round-{server_round}.json"
+        review.parent.mkdir(parents=True, exist_ok=True)
+    x, y = apply_policy(x, y, report, settings.data_audit, review_path=review)
+    if len(y) == 0:
+        raise ValueError(f"data audit ({settings.data_audit}) dropped every sample of partition {partition_id}")
+    return x, y, report.metrics()
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on local data and reply with the new weights."""
@@ -82,6 +103,10 @@ def train(msg: Message, context: Context) -> Message:
     generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
     if role is not None and role.transforms_data:
         x, y = role.attack.poison_data(x, y, num_classes=data.num_classes, image_shape=data.image_shape, rng=rng)
+    audit_metrics: dict = {}
+    attacker = role is not None and role.malicious and not getattr(role.attack, "targets_honest", False)
+    if settings.data_audit != "off" and not attacker:  # an attacker does not clean its own poison
+        x, y, audit_metrics = _audit(settings, data, x, y, partition_id, server_round)
 
     device = training_device()
     model = build_model(data.num_features, data.num_classes)
@@ -94,12 +119,11 @@ def train(msg: Message, context: Context) -> Message:
     if role is not None and role.transforms_update:
         update = role.attack.poison_update(update, rng=generator)
     if settings.dp == "client":
-        update = clip_update(update, settings.clip_norm)
-        std = settings.noise_multiplier * settings.clip_norm
-        update = update + gaussian_noise_like(update, std, generator)
+        update = privatize_update(update, clip_norm=settings.clip_norm, noise_multiplier=settings.noise_multiplier,
+                                  generator=generator)
     _load_flat(model, global_vector + update)
 
-    metrics = {"num-examples": len(y), "train-loss": float(loss), "partition-id": partition_id}
+    metrics = {"num-examples": len(y), "train-loss": float(loss), "partition-id": partition_id, **audit_metrics}
     reply = RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics),
                         "provenance": ConfigRecord(provenance)})
     return Message(reply, reply_to=msg)

@@ -271,7 +271,21 @@ class RobustStrategy(Strategy):
             for v in valid
         }
 
+        for v in valid:
+            if "audit-checked" in v.metrics:
+                log(INFO, "round %d: node %d data audit: %d checked, %d flagged, %d dropped", server_round,
+                    v.node_id, int(v.metrics["audit-checked"]), int(v.metrics.get("audit-flagged", 0)),
+                    int(v.metrics.get("audit-dropped", 0)))
+
         if self.privacy.mode == "central":
+            # n must not depend on the clients' data: a sampled client whose reply was rejected
+            # counts as a null client (a zero update), so the noise calibration stays valid.
+            missing = sorted(self._sampled - set(node_ids))
+            if missing:
+                updates = torch.cat([updates, updates.new_zeros((len(missing), updates.shape[1]))])
+                weights = torch.cat([weights, weights.new_ones(len(missing))])
+                node_ids = node_ids + missing
+                record["null_clients"] = missing
             updates, norms = clip_updates(updates, self._clip_norm())
             record["clip_norm"] = self._clip_norm()
         try:
