@@ -135,7 +135,8 @@ def build_grid(args: argparse.Namespace) -> list[Cell]:
 
 def result_row(cell: Cell, overrides: dict[str, Any], summary: dict | None, error: str | None) -> dict[str, Any]:
     """One row of results.csv: what the cell asked for and what its run reported."""
-    row: dict[str, Any] = asdict(cell) | {"name": cell.name, "clip_norm": overrides["clip-norm"] if cell.dp != "off" else None,
+    clip_norm = overrides["clip-norm"] if cell.dp != "off" else None
+    row: dict[str, Any] = asdict(cell) | {"name": cell.name, "clip_norm": clip_norm,
                                           "status": "failed" if error else "ok", "error": error}
     if summary is None:
         return row
