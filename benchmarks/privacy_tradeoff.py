@@ -346,6 +346,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error("--clip-norm, --rounds and --num-clients must be positive")
     if not 0 <= args.num_attackers <= args.num_clients:
         parser.error(f"--num-attackers must be in [0, --num-clients={args.num_clients}]")
+    for option in ("central_sigmas", "client_sigmas"):
+        try:
+            _floats(getattr(args, option))
+        except ValueError as exc:
+            parser.error(f"--{option.replace('_', '-')}: {exc}")
+    if not math.isfinite(args.backdoor_sigma) or args.backdoor_sigma < 0:
+        parser.error(f"--backdoor-sigma must be a finite number >= 0, got {args.backdoor_sigma}")
     return args
 
 
