@@ -173,8 +173,11 @@ def run_server(grid: Grid, settings: RunSettings) -> dict:
     write_scores_csv(rounds, files.scores)
     write_report(files.root)
     torch.save(arrays.to_torch_state_dict(), files.model)
-    print(f"final accuracy {summary['final_accuracy']:.4f}  best {summary['best_accuracy']:.4f}  "
-          f"-> {files.root}", flush=True)
+    if rounds:
+        print(f"final accuracy {summary['final_accuracy']:.4f}  best {summary['best_accuracy']:.4f}  "
+              f"-> {files.root}", flush=True)
+    else:
+        print(f"no round ran -> {files.root}", flush=True)
     return summary
 
 
@@ -212,8 +215,13 @@ def _audit_record(settings: RunSettings, record: dict) -> dict:
         "accuracy": record["accuracy"],
         "loss": record["loss"],
         "alerts": record.get("alerts", []),
-        "epsilon": record.get("epsilon"),
+        "epsilon": _finite_or_none(record.get("epsilon")),
     }
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    """Infinite epsilon (no noise) is recorded as None: the audit's canonical JSON has no infinity."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _summary(settings: RunSettings, rounds: list[dict], attack: SimulatedAttack | None, strategy: RobustStrategy,
@@ -222,7 +230,8 @@ def _summary(settings: RunSettings, rounds: list[dict], attack: SimulatedAttack 
     malicious = sorted(attack.malicious_nodes) if attack is not None else []
     keep = ("round", "accuracy", "loss", "accepted", "rejected", "scores", "flagged", "excluded", "selected",
             "reputation", "features", "skipped", "alerts", "epsilon", "backdoor_asr", "train_loss", "seconds",
-            "aggregation_seconds", "client_reports")
+            "aggregation_seconds", "client_reports", "noise_std", "clip_norm", "next_clip_norm", "null_clients",
+            "skip_reason")
     detection = None
     if attack is not None and not getattr(attack.attack, "targets_honest", False):
         detection = detection_quality(rounds, set(malicious))
@@ -234,7 +243,8 @@ def _summary(settings: RunSettings, rounds: list[dict], attack: SimulatedAttack 
         "clean_accuracy": None,
         "backdoor_asr": rounds[-1].get("backdoor_asr") if rounds else None,
         "detection": detection,
-        "privacy": None if epsilon is None else {"epsilon": epsilon, "delta": settings.delta, "mode": settings.dp},
+        "privacy": None if settings.dp == "off" else {"epsilon": _finite_or_none(epsilon), "delta": settings.delta,
+                                                      "mode": settings.dp},
         "wall_seconds": time.time() - started,
         "stopped_early": stopped_early,
         "malicious_nodes": malicious,

@@ -48,7 +48,8 @@ class PrivacySettings:
     clip_norm : float
         L2 clip norm C (the initial one when ``adaptive``).
     noise_multiplier : float
-        sigma: noise std is sigma times the aggregator's sensitivity (central) or sigma * C (client).
+        sigma: noise std is sigma times the aggregator's sensitivity (central) or 2 * sigma * C
+        (client: the replace-one sensitivity of one clipped update).
     delta : float
         Target delta of the reported epsilon.
     adaptive : bool
@@ -168,6 +169,9 @@ class RobustStrategy(Strategy):
             central_noise_std(self.rule, clip_norm=1.0, num_clients=max(2 * num_byzantine + 3, 4), noise_multiplier=1.0)
             if self.privacy.adaptive:
                 self.clipper = AdaptiveClipper(self.privacy.clip_norm, self.privacy.target_quantile, seed=seed)
+                # Refuse now, not after the clients trained, when the count noise cannot pay for sigma.
+                self.clipper.effective_noise_multiplier(self.privacy.noise_multiplier,
+                                                        num_clients=max(min_available_nodes, min_train_nodes))
         self.history: list[dict] = []
         self.last_record: dict | None = None
         self._spec: ParamSpec | None = None
@@ -414,17 +418,26 @@ class RobustStrategy(Strategy):
             vector = vector + gaussian_noise_like(vector.cpu(), std, self.noise_generator).to(vector)
             record["noise_std"] = std
             if self.accountant is None:
-                rate = min(1.0, len(self._sampled) / max(self._num_nodes, 1))
                 self.accountant = PrivacyAccountant(noise_multiplier=privacy.noise_multiplier,
-                                                    sampling_rate=rate, delta=privacy.delta)
+                                                    sampling_rate=self._sampling_rate(), delta=privacy.delta)
             self.accountant.step()
             if self.clipper is not None and norms is not None:
                 record["next_clip_norm"] = self.clipper.update(norms)
         else:
-            for node in record["accepted"]:
+            # A rejected reply's noisy update was still seen: every sampled node that replied spent budget.
+            replied = set(record["accepted"]) | {int(n) for n in record["rejected"] if int(n) in self._sampled}
+            for node in replied:
                 self.client_participation[node] = self.client_participation.get(node, 0) + 1
-        record["epsilon"] = self.epsilon()
+        epsilon = self.epsilon()
+        # No noise means no guarantee: JSON has no infinity, so that is recorded as None.
+        record["epsilon"] = epsilon if epsilon is not None and math.isfinite(epsilon) else None
         return vector
+
+    def _sampling_rate(self) -> float:
+        """Clients sampled a round over clients connected (before any round: over the minimum available)."""
+        total = self._num_nodes or max(self.min_available_nodes, 1)
+        sampled = min(total, max(self.min_train_nodes, int(round(self.fraction_train * total))))
+        return sampled / total
 
     def epsilon(self) -> float | None:
         """Privacy spent so far at ``delta``: the server's (central) or the worst client's (client)."""
@@ -447,9 +460,8 @@ class RobustStrategy(Strategy):
             return False
         if self.privacy.mode == "central":
             if self.accountant is None:
-                rate = min(1.0, max(self.min_train_nodes, 1) / max(self._num_nodes, 1)) if self._num_nodes else 1.0
-                probe = PrivacyAccountant(noise_multiplier=self.privacy.noise_multiplier, sampling_rate=rate,
-                                          delta=self.privacy.delta)
+                probe = PrivacyAccountant(noise_multiplier=self.privacy.noise_multiplier,
+                                          sampling_rate=self._sampling_rate(), delta=self.privacy.delta)
                 return probe.epsilon_if_step(1) > target
             return self.accountant.epsilon_if_step(1) > target
         rounds = max(self.client_participation.values(), default=0) + 1

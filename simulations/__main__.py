@@ -61,7 +61,7 @@ def run_command(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    print(f"\nfinal accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})")
+    print(f"\nfinal accuracy {_fmt(summary['final_accuracy'])} (best {_fmt(summary['best_accuracy'])})")
     if summary.get("clean_accuracy") is not None:
         print(f"clean accuracy {summary['clean_accuracy']:.4f}")
     if summary.get("backdoor_asr") is not None:
@@ -70,7 +70,9 @@ def _print_summary(summary: dict) -> None:
         d = summary["detection"]
         print("detection: " + ", ".join(f"{k} {_fmt(d.get(k))}" for k in ("auroc", "precision", "recall")))
     if summary.get("privacy"):
-        print(f"privacy: epsilon {summary['privacy']['epsilon']:.3f} at delta {summary['privacy']['delta']}")
+        print(f"privacy: epsilon {_fmt(summary['privacy']['epsilon'])} at delta {summary['privacy']['delta']} "
+              "(n/a: no noise, no guarantee)" if summary['privacy']['epsilon'] is None else
+              f"privacy: epsilon {_fmt(summary['privacy']['epsilon'])} at delta {summary['privacy']['delta']}")
     print(f"wall time {summary['wall_seconds']:.1f} s; written to {summary['config']['out']}")
 
 

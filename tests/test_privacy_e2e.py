@@ -17,9 +17,7 @@ Specification (digits, ``delta = 1e-5``, the neighbouring relations of ``server.
   ``C``, adds ``sigma * 2C / (n - 2f)`` noise and reports epsilon.
 
 The four federations (central mean, client mean, central trimmed mean with a budget, Bulyan refused)
-run once each, lazily, per module (about 2 minutes on 2 shared cores). Tests marked
-``xfail(strict=True)`` pin bugs found in the apps; each turns into a failure (XPASS) once its fix
-lands, so that the marker gets removed.
+run once each, lazily, per module (about 2 minutes on 2 shared cores).
 """
 
 from __future__ import annotations
@@ -153,9 +151,6 @@ def test_central_mean_noise_of_that_std_really_reaches_the_model(central_mean):
     assert abs(float(moved.norm()) - expected) <= tolerance
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/app.py _summary: the per-round `keep` tuple omits noise_std, clip_norm and next_clip_norm, "
-    "so summary.json cannot show the noise a DP run added (only checkpoint.pt keeps it)"))
 def test_central_summary_rounds_carry_noise_std_and_clip_norm(central_mean):
     summary, _ = central_mean
     for r in summary["rounds"]:
@@ -274,10 +269,6 @@ def test_the_suggested_dp_client_accepts_the_same_rules():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server/strategy.py next_round_exceeds_budget: before round 1 (no accountant, _num_nodes == 0) "
-    "it probes at sampling rate 1.0 instead of the run's fraction-train, so a budget that fits "
-    "rounds at q = 0.5 stops the run before it starts"))
 def test_the_first_budget_check_uses_the_runs_sampling_rate():
     one_round_sampled = epsilon_for(1.0, 0.5, 1, DELTA)
     one_round_everyone = epsilon_for(1.0, 1.0, 1, DELTA)
@@ -289,9 +280,6 @@ def test_the_first_budget_check_uses_the_runs_sampling_rate():
     assert not build_strategy(settings, None).next_round_exceeds_budget()
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "server/app.py run_server: when the budget stops the run before round 1, the closing print "
-    "formats final_accuracy None with :.4f and raises TypeError after the files are written"))
 def test_a_budget_too_small_for_one_round_ends_cleanly_with_no_rounds(tmp_path):
     settings = RunSettings(aggregator="mean", num_byzantine=0, dp="central", noise_multiplier=1.0, delta=DELTA,
                            target_epsilon=epsilon_for(1.0, 1.0, 1, DELTA) / 2, rounds=3, attack="none",
@@ -302,10 +290,6 @@ def test_a_budget_too_small_for_one_round_ends_cleanly_with_no_rounds(tmp_path):
     assert (tmp_path / "run" / "model.pt").exists()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason=(
-    "server/app.py _audit_record: with noise-multiplier 0 (clipping only) epsilon is inf, which "
-    "the audit log's canonical JSON refuses, so every dp=central/client run with sigma = 0 dies "
-    "at the end of round 1 (seen in benchmarks/privacy_tradeoff.py)"))
 def test_a_round_with_clipping_but_no_noise_can_be_audited(tmp_path):
     settings = RunSettings(aggregator="mean", num_byzantine=0, dp="central", noise_multiplier=0.0)
     record = {"round": 1, "accuracy": 0.9, "loss": 0.3, "epsilon": epsilon_for(0.0, 1.0, 1, DELTA)}
