@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import secrets
 import statistics
 import sys
 import tempfile
@@ -25,22 +24,14 @@ import time
 
 import torch
 
-from simulations.harness import OFFLINE_ENV, project_dir, run_federation
+from simulations.harness import run_federation, simulate
 
 
 def bare_flower_round_times(num_clients: int, rounds: int) -> list[float]:
     """Seconds per round of Flower's FedAvg over Phalanx's ClientApp."""
-    os.environ.update(OFFLINE_ENV)
-    from flwr.app import ArrayRecord, Context, RecordDict
-    from flwr.common.config import get_fused_config_from_dir
-    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.app import ArrayRecord, Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
 
     from client.data import server_test_split
     from client.model import build_model
@@ -60,22 +51,8 @@ def bare_flower_round_times(num_clients: int, rounds: int) -> list[float]:
 
         strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds, evaluate_fn=mark_round)
 
-    overrides = {"num-clients": num_clients, "num-malicious": 0, "attack": "none", "aggregator": "mean",
-                 "num-byzantine": 0, "rounds": rounds}
-    run_config = get_fused_config_from_dir(project_dir(), overrides)
-    run_id = secrets.randbits(63)
-    run = Run.create_empty(run_id=run_id)
-    run.override_config = overrides
-    run.primary_task_id = secrets.randbits(63)
-    run.federation_id = NOOP_FEDERATION_ID
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
-    context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    _run_simulation(num_supernodes=num_clients, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-                    client_app_attr="client.app:app", server_app=app, server_app_context=context,
-                    app_dir=str(project_dir()), run=run, is_app=True,
-                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                                    "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR",
-                                                  "log_to_driver": False}})
+    simulate({"num-clients": num_clients, "num-malicious": 0, "attack": "none", "aggregator": "mean",
+              "num-byzantine": 0, "rounds": rounds}, server_app=app)
     # ends[0] is the evaluation before round 1; round r ends at ends[r].
     return [b - a for a, b in zip(ends, ends[1:])]
 

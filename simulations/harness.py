@@ -52,45 +52,68 @@ def run_federation(overrides: dict[str, Any], *, verbose: bool = False) -> dict:
     dict
         The run's ``summary.json``.
     """
+    from flwr.common.config import get_fused_config_from_dir
+
+    run_config = get_fused_config_from_dir(project_dir(), dict(overrides))  # refuses unknown keys
+    out = Path(str(run_config["out"])).expanduser().resolve()
+    summary_path = out / "summary.json"
+    if summary_path.exists() and not run_config.get("resume", False):
+        summary_path.unlink()
+    started = time.time()
+    simulate(dict(overrides) | {"out": str(out)}, verbose=verbose)
+    if not summary_path.exists():
+        raise RuntimeError(f"the run wrote no {summary_path}: see the log above for the ServerApp's error")
+    summary = json.loads(summary_path.read_text())
+    summary["wall_seconds"] = time.time() - started
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def simulate(overrides: dict[str, Any], *, server_app=None, verbose: bool = False) -> None:
+    """Run the ClientApp with ``server_app`` (default: Phalanx's ServerApp) on the simulation engine.
+
+    Parameters
+    ----------
+    overrides : dict
+        Run-config keys that differ from the defaults (unknown keys are refused).
+    server_app : flwr.serverapp.ServerApp | None
+        Another ServerApp object to drive the same clients (benchmarks compare against Flower's
+        own strategies this way); None runs ``server.app:app``.
+    verbose : bool
+        Show Flower's and Ray's own logs too.
+    """
     os.environ.update(OFFLINE_ENV)
     from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
-    from flwr.simulation.run_simulation import _run_simulation
     from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
     app_dir = project_dir()
-    run_config = get_fused_config_from_dir(app_dir, dict(overrides))  # refuses unknown keys
-    out = Path(str(run_config["out"])).expanduser().resolve()
-    run_config["out"] = str(out)
-    summary_path = out / "summary.json"
-    if summary_path.exists() and not run_config.get("resume", False):
-        summary_path.unlink()
-
+    run_config = get_fused_config_from_dir(app_dir, dict(overrides))
     run_id = secrets.randbits(63)
     run = Run.create_empty(run_id=run_id)
-    run.override_config = {k: run_config[k] for k in overrides} | {"out": str(out)}
+    run.override_config = dict(overrides)
     # What flwr-simulation sets for a run it was not handed by a SuperLink.
     run.primary_task_id = secrets.randbits(63)
     run.federation_id = NOOP_FEDERATION_ID
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    num_cpus = os.cpu_count() or 1
     backend_config = {
         # One CPU per client actor: on a 2-core machine two clients train at once.
         "client_resources": {"num_cpus": 1, "num_gpus": _gpu_share()},
-        "init_args": {"num_cpus": num_cpus, "logging_level": "INFO" if verbose else "ERROR",
+        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "INFO" if verbose else "ERROR",
                       "log_to_driver": verbose},
     }
-    started = time.time()
     _run_simulation(
         num_supernodes=int(run_config["num-clients"]),
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app_attr="client.app:app",
-        server_app_attr="server.app:app",
+        server_app=server_app,
+        server_app_attr=None if server_app is not None else "server.app:app",
         server_app_context=context,
         app_dir=str(app_dir),
         run=run,
@@ -98,12 +121,6 @@ def run_federation(overrides: dict[str, Any], *, verbose: bool = False) -> dict:
         verbose_logging=verbose,
         is_app=True,
     )
-    if not summary_path.exists():
-        raise RuntimeError(f"the run wrote no {summary_path}: see the log above for the ServerApp's error")
-    summary = json.loads(summary_path.read_text())
-    summary["wall_seconds"] = time.time() - started
-    summary_path.write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def _gpu_share() -> float:
