@@ -11,8 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
+import numpy as np
 import torch
 from torch import Tensor
+
+from aggregators.blocks import as_numpy, run_ranges, split_range, uses_numpy, worker_count
 
 #: Default bound on the temporary memory a rule uses per chunk of columns. Small chunks stay in
 #: cache and reuse allocator blocks: at n=50, d=1e6 on this project's 2-core CPU, 4-16 MiB chunks
@@ -42,7 +45,7 @@ class AggregationResult:
     selected: Tensor
 
 
-def validate_updates(rule: str, updates: Tensor) -> None:
+def validate_updates(rule: str, updates: Tensor, check_finite: bool = True) -> None:
     """Reject anything a rule cannot aggregate, naming the rule and the problem.
 
     Parameters
@@ -51,6 +54,9 @@ def validate_updates(rule: str, updates: Tensor) -> None:
         Rule name, used in the error message.
     updates : Tensor
         Candidate ``(n, d)`` stack.
+    check_finite : bool
+        Scan the values for NaN/Inf. A rule whose kernel sees every value anyway may pass False,
+        detect non-finite values itself, and then call this again with True for the error.
 
     Raises
     ------
@@ -67,15 +73,38 @@ def validate_updates(rule: str, updates: Tensor) -> None:
         raise ValueError(f"{rule}: updates must have n >= 1 rows and d >= 1 columns, got ({n}, {d})")
     if not updates.is_floating_point():
         raise ValueError(f"{rule}: updates must be floating point, got dtype {updates.dtype}")
+    if not check_finite:
+        return
     # Fast screen: a NaN or Inf anywhere in a row makes its plain sum non-finite (no false
     # negatives), and a plain sum is ~40x faster on CPU than isfinite(updates).all(dim=1). Rows
     # whose sum is non-finite (a NaN/Inf, or merely an overflow) get the exact per-element check.
-    suspects = torch.nonzero(~torch.isfinite(updates.sum(dim=1))).flatten()
+    suspects = torch.nonzero(~torch.isfinite(row_sums(updates))).flatten()
     if suspects.numel() > 0:
         finite = torch.isfinite(updates[suspects]).all(dim=1)
         bad = suspects[~finite].tolist()
         if bad:
             raise ValueError(f"{rule}: rows {bad} contain NaN or Inf")
+
+
+def raise_non_finite(rule: str, updates: Tensor) -> None:
+    """Raise the ValueError naming the NaN/Inf rows, for a kernel that found some on its way."""
+    validate_updates(rule, updates)
+    raise ValueError(f"{rule}: updates contain NaN or Inf")
+
+
+def row_sums(updates: Tensor) -> Tensor:
+    """Plain per-row sums in the input dtype (the NaN/Inf screen), numpy threads on CPU."""
+    if not uses_numpy(updates):
+        return updates.sum(dim=1)
+    x = as_numpy(updates)
+    sums = np.empty(x.shape[0], dtype=x.dtype)
+
+    def work(lo: int, hi: int) -> None:
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is only a suspect
+            np.add.reduce(x[lo:hi], axis=1, out=sums[lo:hi])
+
+    run_ranges(work, split_range(x.shape[0], worker_count(x.size, x.shape[0])))
+    return torch.from_numpy(sums)
 
 
 def validate_weights(rule: str, weights: Optional[Tensor], updates: Tensor) -> Optional[Tensor]:

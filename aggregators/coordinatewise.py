@@ -20,9 +20,12 @@ from aggregators.base import (
     check_num_byzantine,
     column_chunks,
     impossible,
+    raise_non_finite,
     validate_updates,
     validate_weights,
 )
+from aggregators import order_stats
+from aggregators.blocks import as_numpy, uses_numpy
 from aggregators.geometry import sorted_coordinates, sq_distances_to, weighted_mean_rows
 from aggregators.registry import register
 
@@ -130,6 +133,15 @@ class Median:
         self.max_chunk_bytes = check_max_chunk_bytes("median", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        if uses_numpy(updates):
+            # The kernel sees every value sorted, so it checks for NaN/Inf on the way.
+            validate_updates("median", updates, check_finite=False)
+            vector = torch.empty(updates.shape[1], dtype=updates.dtype)
+            found = order_stats.median(as_numpy(updates), as_numpy(vector), self.max_chunk_bytes)
+            if found is None:
+                raise_non_finite("median", updates)
+            selected, sq_distances = found
+            return AggregationResult(vector, torch.from_numpy(sq_distances).sqrt(), torch.from_numpy(selected))
         validate_updates("median", updates)
         n, d = updates.shape
         vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
@@ -183,11 +195,20 @@ class TrimmedMean:
         self.max_chunk_bytes = check_max_chunk_bytes("trimmed-mean", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
-        validate_updates("trimmed-mean", updates)
+        numpy_kernel = uses_numpy(updates)
+        # The numpy kernel sees every value sorted, so it checks for NaN/Inf on the way.
+        validate_updates("trimmed-mean", updates, check_finite=not numpy_kernel)
         n, d = updates.shape
         f = self.num_byzantine
         if n <= 2 * f:
             raise impossible("trimmed-mean", n, f, "n > 2f")
+        if numpy_kernel:
+            vector = torch.empty(d, dtype=updates.dtype)
+            counts = order_stats.trimmed_mean(as_numpy(updates), f, as_numpy(vector), self.max_chunk_bytes)
+            if counts is None:
+                raise_non_finite("trimmed-mean", updates)
+            counts = torch.from_numpy(counts)
+            return AggregationResult(vector, counts.to(torch.float64) / d, counts < d)
         vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
         trimmed = torch.zeros(n, dtype=torch.float64, device=updates.device)
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
