@@ -69,13 +69,19 @@ def run_ranges(work: Callable[[int, int], R], ranges: Sequence[Tuple[int, int]])
     """``[work(lo, hi) for lo, hi in ranges]``, the ranges after the first in pool threads.
 
     The calling thread does the first range itself. Pool threads never wait on other tasks, so
-    concurrent callers cannot deadlock. An exception in any range is re-raised here.
+    concurrent callers cannot deadlock. An exception in any range is re-raised here. numpy's
+    overflow/invalid warnings are off inside (numpy error state is per thread): kernels report
+    non-finite results through their values, which the rules check.
     """
+    def quiet(lo: int, hi: int) -> R:
+        with np.errstate(over="ignore", invalid="ignore"):
+            return work(lo, hi)
+
     if len(ranges) <= 1:
-        return [work(lo, hi) for lo, hi in ranges]
-    futures = [_executor(len(ranges) - 1).submit(work, lo, hi) for lo, hi in ranges[1:]]
+        return [quiet(lo, hi) for lo, hi in ranges]
+    futures = [_executor(len(ranges) - 1).submit(quiet, lo, hi) for lo, hi in ranges[1:]]
     try:
-        first = work(*ranges[0])
+        first = quiet(*ranges[0])
     finally:
         # Wait for every range before returning or raising: they write into the caller's buffers.
         done = [future.exception() for future in futures]

@@ -93,13 +93,18 @@ class Mean:
         self.max_chunk_bytes = check_max_chunk_bytes("mean", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
-        validate_updates("mean", updates)
+        # The NaN/Inf check rides on the distances to the output (a NaN/Inf anywhere in a row makes
+        # its distance non-finite), sparing a pass over the stack on valid input.
+        validate_updates("mean", updates, check_finite=False)
         w = validate_weights("mean", weights, updates)
         n, d = updates.shape
         coeffs = torch.full((n,), 1.0 / n, dtype=torch.float64, device=updates.device) if w is None else w / w.sum()
         vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
         weighted_mean_rows(updates, coeffs, vector, self.max_chunk_bytes)
-        scores = sq_distances_to(updates, vector, self.max_chunk_bytes).sqrt()
+        sq_distances = sq_distances_to(updates, vector, self.max_chunk_bytes)
+        if not bool(torch.isfinite(sq_distances).all()):
+            validate_updates("mean", updates)  # raises unless the values merely overflow float64
+        scores = sq_distances.sqrt()
         return AggregationResult(vector, scores, coeffs > 0)
 
     def sensitivity(self, clip_norm: float, n: int) -> float:

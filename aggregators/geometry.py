@@ -107,13 +107,7 @@ def _centred_gram(
         width = _gram_tile_width(m, itemsize * 2, max_chunk_bytes // workers)
 
         def work(lo: int, hi: int) -> np.ndarray:
-            gram = np.zeros((m, m))
-            # float32 overflow gives Inf/NaN, which the caller checks: no warning needed.
-            with np.errstate(over="ignore", invalid="ignore"):
-                _accumulate(lo, hi, gram)
-            return gram
-
-        def _accumulate(lo: int, hi: int, gram: np.ndarray) -> None:
+            gram = np.zeros((m, m))  # float32 overflow gives Inf/NaN here: the caller checks
             tile = np.empty((m, width), dtype=np_dtype)
             for start in range(lo, hi, width):
                 stop = min(hi, start + width)
@@ -126,6 +120,7 @@ def _centred_gram(
                 else:
                     np.subtract(source, point[start:stop], out=block)
                 gram += block @ block.T  # numpy calls syrk for a product with its own transpose
+            return gram
 
         parts = run_ranges(work, split_range(d, workers, GRAM_TILE))
         total = parts[0]

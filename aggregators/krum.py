@@ -72,6 +72,19 @@ def rank_by_krum(scores: Tensor, sq_dist: Tensor, num_neighbours: int) -> Tensor
     return order[torch.argsort(scores[order], stable=True)]
 
 
+def validated_distances(rule: str, updates: Tensor, max_chunk_bytes: int) -> Tensor:
+    """Pairwise squared distances, with the NaN/Inf check riding on them.
+
+    Any NaN or Inf in a row makes some of its distances non-finite, so the stack is scanned (and
+    the error raised, naming the rows) only then, sparing a pass over the stack on valid input.
+    """
+    validate_updates(rule, updates, check_finite=False)
+    sq_dist = pairwise_sq_distances(updates, max_chunk_bytes)
+    if not bool(torch.isfinite(sq_dist).all()):
+        validate_updates(rule, updates)  # raises unless the values merely overflow float64
+    return sq_dist
+
+
 def _check_krum(rule: str, n: int, f: int) -> None:
     if n <= 2 * f + 2:
         raise impossible(rule, n, f, "n > 2f + 2")
@@ -102,11 +115,11 @@ class Krum:
         self.max_chunk_bytes = check_max_chunk_bytes("krum", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
-        validate_updates("krum", updates)
+        validate_updates("krum", updates, check_finite=False)
         n, _ = updates.shape
         f = self.num_byzantine
         _check_krum("krum", n, f)
-        sq_dist = pairwise_sq_distances(updates, self.max_chunk_bytes)
+        sq_dist = validated_distances("krum", updates, self.max_chunk_bytes)
         scores = krum_scores(sq_dist, n - f - 2)
         best = int(rank_by_krum(scores, sq_dist, n - f - 2)[0])
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
@@ -157,7 +170,7 @@ class MultiKrum:
         self.max_chunk_bytes = check_max_chunk_bytes("multi-krum", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
-        validate_updates("multi-krum", updates)
+        validate_updates("multi-krum", updates, check_finite=False)
         w = validate_weights("multi-krum", weights, updates)
         n, d = updates.shape
         f = self.num_byzantine
@@ -165,7 +178,7 @@ class MultiKrum:
         m = n - f if self.num_selected is None else self.num_selected
         if m > n:
             raise ValueError(f"multi-krum: num_selected={m} exceeds n={n} (f={f})")
-        sq_dist = pairwise_sq_distances(updates, self.max_chunk_bytes)
+        sq_dist = validated_distances("multi-krum", updates, self.max_chunk_bytes)
         scores = krum_scores(sq_dist, n - f - 2)
         chosen = rank_by_krum(scores, sq_dist, n - f - 2)[:m]
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
@@ -218,13 +231,13 @@ class Bulyan:
         self.max_chunk_bytes = check_max_chunk_bytes("bulyan", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
-        validate_updates("bulyan", updates)
+        validate_updates("bulyan", updates, check_finite=False)
         n, d = updates.shape
         f = self.num_byzantine
         if n < 4 * f + 3:
             raise impossible("bulyan", n, f, "n >= 4f + 3")
         theta, beta = n - 2 * f, n - 4 * f
-        sq_dist = pairwise_sq_distances(updates, self.max_chunk_bytes)
+        sq_dist = validated_distances("bulyan", updates, self.max_chunk_bytes)
         remaining = list(range(n))
         chosen: list[int] = []
         for _ in range(theta):  # a loop over rows, not coordinates
