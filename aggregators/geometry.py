@@ -4,17 +4,21 @@ Why not ``torch.cdist`` or ``|x|^2 + |y|^2 - 2 x.y`` on the raw rows: model upda
 large vectors that differ by little (rows ~1, differences ~1e-3), and the expansion then cancels
 catastrophically in float32 -- Flower's Krum picks the wrong client on exactly such input.
 
-Pairwise distances (:func:`pairwise_sq_distances`) come from Gram matrices of *centred* rows, with
-every pair's rounding error bounded and checked:
+Pairwise distances (:func:`pairwise_sq_distances`) come from float64 Gram matrices of *centred*
+rows, with every pair's rounding error bounded:
 
-- float32 stacks with at least ``FAST_GRAM_MIN_COLUMNS`` columns: rows minus a central row, one
-  float32 matrix product per tile of ``GRAM_TILE`` columns, tiles summed in float64. A pair is kept
-  when its estimated error (``ROUNDING_FACTOR`` float32 roundings of the two centred squared
-  norms) is below ``RELATIVE_TOLERANCE`` of its distance; the pairs that fail (rows that are close
-  to each other but far from the centre, e.g. colluding attackers) are redone on their own cluster
-  centred there, and what still fails goes to the float64 path.
-- the float64 path: float64 column blocks centred on the column mean (or a robust row), pairs
-  that still cancel recomputed from their differences (exact up to float64 rounding).
+1. A sample of columns picks a central row (smallest median distance to the others).
+2. One pass over the stack: rows minus that row, in float64, one symmetric product (syrk) per
+   tile of ``GRAM_TILE`` columns. A pair is kept when the worst-case float64 error of its
+   expansion, ``2 (d + 4) u (|c_i|^2 + |c_j|^2)``, is below ``RELATIVE_TOLERANCE`` of its distance.
+3. Pairs that fail (rows close to each other but far from the centre: colluding attackers, a
+   second cluster) are redone on their own cluster, centred on its central row; what still fails
+   goes to the exact fallback (column-mean centring, then differences summed directly).
+
+Why float64 products and not float32 ones with float64 tile sums: a float32 sum over a tile of K
+columns rounds with an error that grows like ``sqrt(K) u32`` times the partial sums; a stack with
+a few large coordinates (two client groups that differ in 40 columns) gave relative errors of
+1.1e-5 at K=4096, and no bound certifies 1e-5 at any practical K. float64 products cost ~1.8x.
 
 On CPU the products are numpy/OpenBLAS calls in worker threads (:mod:`aggregators.blocks`).
 """
@@ -30,114 +34,100 @@ from torch import Tensor
 from aggregators.base import DEFAULT_MAX_CHUNK_BYTES, column_chunks
 from aggregators.blocks import as_numpy, run_ranges, split_range, uses_numpy, worker_count
 
-#: float64 path: a pair whose squared distance is below this fraction of the two centred squared
+#: Exact fallback: a pair whose squared distance is below this fraction of the two centred squared
 #: norms lost more than ~4 of float64's ~16 digits to cancellation: it is recomputed from the
 #: difference itself.
 _CANCELLATION_RATIO: float = 1e-4
 
-#: Columns per float32 product. The float32 sum over a tile is what rounds; measured worst error
-#: of the summed Gram at 4096 columns: 0.8 float32 roundings of the squared norms (1.2 at 16384,
-#: up to 6 at 65536), on random, near-identical and attacked stacks.
-GRAM_TILE: int = 4096
+#: Most columns per symmetric product (fewer when ``max_chunk_bytes`` asks): measured as fast as
+#: 2048-4096 for the product and faster for the float64 cast (larger, fewer numpy calls).
+GRAM_TILE: int = 8192
 
-#: Assumed float32 roundings of the centred squared norms in a pair's Gram error (~10x the
-#: measured worst case above).
-ROUNDING_FACTOR: float = 8.0
-
-#: A float32-Gram pair is kept when its error estimate is below this fraction of its squared
-#: distance (so its relative error stays below ~1e-5).
+#: A pair from the checked Gram is kept when its worst-case error is below this fraction of its
+#: squared distance (so its relative error is below 1e-5).
 RELATIVE_TOLERANCE: float = 2.0**-17
 
-#: Narrower stacks take the float64 path, which is as cheap there (below ~1 ms at n=50).
-FAST_GRAM_MIN_COLUMNS: int = 2 * GRAM_TILE
-
-#: float32 levels (all rows, then the clusters whose pairs failed) before the float64 path.
-_FLOAT32_LEVELS = 2
-
-#: The column sample that picks the central row: ``_SKETCH_RUNS`` runs of ``_SKETCH_RUN`` columns
-#: spread over the stack.
+#: The column sample that picks the central rows: ``_SKETCH_RUNS`` runs of ``_SKETCH_RUN`` columns
+#: spread over the stack. Stacks no wider than the sample take the exact fallback directly.
 _SKETCH_RUNS, _SKETCH_RUN = 16, 128
+SKETCH_COLUMNS: int = _SKETCH_RUNS * _SKETCH_RUN
+
+#: Centrings (all rows, then the clusters whose pairs failed) before the exact fallback.
+_CENTRED_LEVELS = 2
 
 #: Row-tile width of the row-wise kernels (distances to a point, norms, dots).
 _ROW_TILE_COLUMNS = 1 << 15
-
-_NUMPY_SORTABLE = {torch.float32, torch.float64}
-
 
 # ---------------------------------------------------------------------------------------------
 # Centred Gram matrices
 
 
-def _gram_tile_width(rows: int, bytes_per_value: int, budget: int) -> int:
-    return max(1, min(GRAM_TILE, budget // max(1, rows * bytes_per_value)))
+Group = tuple[Optional[Tensor], Optional[Tensor]]
 
 
-def _centred_gram(
-    updates: Tensor,
-    rows: Optional[Tensor],
-    centre: Optional[Tensor],
-    dtype: torch.dtype,
-    max_chunk_bytes: int,
-) -> Tensor:
-    """Gram matrix, summed in float64, of ``updates[rows] - centre`` computed in ``dtype``.
+def _centred_grams(updates: Tensor, groups: list[Group], max_chunk_bytes: int) -> list[Tensor]:
+    """float64 Gram matrices of ``updates[rows] - centre`` for several groups, in one pass.
 
     Parameters
     ----------
     updates : Tensor
         ``(n, d)`` stack.
-    rows : Tensor or None
-        Row indices (int64, on ``updates.device``); None for all rows.
-    centre : Tensor or None
-        ``(d,)`` vector subtracted from every row; None for the column mean of the chosen rows
-        (computed per block in ``dtype``, which must then be float64).
-    dtype : torch.dtype
-        Precision of the centred values and of the products within a tile (float32 or float64).
+    groups : list of (rows, centre)
+        ``rows``: row indices (int64, on ``updates.device``) or None for all rows. ``centre``:
+        ``(d,)`` vector subtracted from those rows (differences taken in float64), or None for
+        their column mean (computed per block).
     max_chunk_bytes : int
         Bound on the scratch memory of all worker threads together.
+
+    Returns
+    -------
+    list of Tensor
+        One symmetric ``(m, m)`` float64 matrix per group.
     """
     n, d = updates.shape
-    m = n if rows is None else int(rows.numel())
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    sizes = [n if rows is None else int(rows.numel()) for rows, _ in groups]
     if uses_numpy(updates):
         x = as_numpy(updates)
-        index = None if rows is None else as_numpy(rows)
-        point = None if centre is None else as_numpy(centre.to(device="cpu", dtype=dtype))
-        np_dtype = np.float32 if dtype == torch.float32 else np.float64
-        workers = worker_count(m * d, -(-d // GRAM_TILE))
-        width = _gram_tile_width(m, itemsize * 2, max_chunk_bytes // workers)
+        plans = [
+            (None if rows is None else as_numpy(rows), None if centre is None else as_numpy(centre.to(device="cpu", dtype=torch.float64)))
+            for rows, centre in groups
+        ]
+        workers = worker_count(sum(sizes) * d, -(-d // GRAM_TILE))
+        # Per value: the float64 tile and, for a row subset, the gathered copy.
+        width = max(1, min(GRAM_TILE, (max_chunk_bytes // workers) // (max(sizes) * 12)))
 
-        def work(lo: int, hi: int) -> np.ndarray:
-            gram = np.zeros((m, m))  # float32 overflow gives Inf/NaN here: the caller checks
-            tile = np.empty((m, width), dtype=np_dtype)
+        def work(lo: int, hi: int) -> list[np.ndarray]:
+            grams = [np.zeros((m, m)) for m in sizes]  # overflow gives Inf/NaN: the caller checks
+            tile = np.empty((max(sizes), width))
             for start in range(lo, hi, width):
                 stop = min(hi, start + width)
-                block = tile[:, : stop - start]
-                # Fancy indexing, not np.take(out=...): measured 7x faster for a few rows.
-                source = x[:, start:stop] if index is None else x[index, start:stop]
-                if point is None:
-                    np.copyto(block, source)
-                    block -= block.mean(axis=0)
-                else:
-                    np.subtract(source, point[start:stop], out=block)
-                gram += block @ block.T  # numpy calls syrk for a product with its own transpose
-            return gram
+                for (index, point), gram in zip(plans, grams):
+                    block = tile[: gram.shape[0], : stop - start]
+                    # Fancy indexing, not np.take(out=...): measured 7x faster for a few rows.
+                    np.copyto(block, x[:, start:stop] if index is None else x[index, start:stop])
+                    # Cast, then subtract in place: measured faster than a mixed-dtype subtract.
+                    block -= block.mean(axis=0) if point is None else point[start:stop]
+                    gram += block @ block.T  # numpy calls syrk for a product with its own transpose
+            return grams
 
         parts = run_ranges(work, split_range(d, workers, GRAM_TILE))
-        total = parts[0]
+        totals = parts[0]
         for part in parts[1:]:
-            total += part
-        gram = torch.from_numpy(total).to(updates.device)
+            for total, gram in zip(totals, part):
+                total += gram
+        grams = [torch.from_numpy(total).to(updates.device) for total in totals]
     else:
-        gram = torch.zeros((m, m), dtype=torch.float64, device=updates.device)
-        for cols in column_chunks(m, d, itemsize * 2, max_chunk_bytes):
-            block = updates[:, cols] if rows is None else updates[:, cols].index_select(0, rows)
-            block = block.to(dtype)
-            if centre is None:
-                block = block - block.mean(dim=0, keepdim=True)
-            else:
-                block = block - centre[cols].to(device=updates.device, dtype=dtype)
-            gram += (block @ block.T).to(torch.float64)
-    return (gram + gram.T) / 2
+        grams = [torch.zeros((m, m), dtype=torch.float64, device=updates.device) for m in sizes]
+        for cols in column_chunks(max(sizes), d, 16, max_chunk_bytes):
+            for (rows, centre), gram in zip(groups, grams):
+                block = updates[:, cols] if rows is None else updates[:, cols].index_select(0, rows)
+                block = block.to(torch.float64)
+                if centre is None:
+                    block = block - block.mean(dim=0, keepdim=True)
+                else:
+                    block = block - centre[cols].to(device=updates.device, dtype=torch.float64)
+                gram.addmm_(block, block.T)
+    return [(gram + gram.T) / 2 for gram in grams]
 
 
 def _distances_from_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -150,7 +140,7 @@ def _distances_from_gram(gram: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# float64 path
+# Exact fallback
 
 
 def _exact_pairwise(updates: Tensor, rows: Optional[Tensor], max_chunk_bytes: int) -> Tensor:
@@ -166,13 +156,13 @@ def _exact_pairwise(updates: Tensor, rows: Optional[Tensor], max_chunk_bytes: in
     n, d = updates.shape
     index = torch.arange(n, device=updates.device) if rows is None else rows
     m = int(index.numel())
-    dist, scale = _distances_from_gram(_centred_gram(updates, rows, None, torch.float64, max_chunk_bytes))
+    dist, scale = _distances_from_gram(_centred_grams(updates, [(rows, None)], max_chunk_bytes)[0])
     upper = torch.ones((m, m), dtype=torch.bool, device=updates.device).triu_(diagonal=1)
     cancelled = upper & (dist <= _CANCELLATION_RATIO * scale) & (scale > 0)
     if int(cancelled.sum()) > m:
         # A robust centre: the row with the smallest median distance to the others.
         centre_row = int(index[int(dist.median(dim=1).values.argmin())])
-        dist, scale = _distances_from_gram(_centred_gram(updates, rows, updates[centre_row], torch.float64, max_chunk_bytes))
+        dist, scale = _distances_from_gram(_centred_grams(updates, [(rows, updates[centre_row])], max_chunk_bytes)[0])
         cancelled = upper & (dist <= _CANCELLATION_RATIO * scale) & (scale > 0)
     for i in torch.nonzero(cancelled.any(dim=1)).flatten().tolist():
         others = index[torch.nonzero(cancelled[i]).flatten()]
@@ -187,18 +177,7 @@ def _exact_pairwise(updates: Tensor, rows: Optional[Tensor], max_chunk_bytes: in
 
 
 # ---------------------------------------------------------------------------------------------
-# float32 path
-
-
-def _float32_gram_is_exact_enough(updates: Tensor) -> bool:
-    """Whether float32 products are true float32 here (no TF32/bfloat16 shortcuts) and worth it."""
-    if updates.dtype != torch.float32 or updates.shape[1] < FAST_GRAM_MIN_COLUMNS or updates.shape[0] < 2:
-        return False
-    if updates.device.type == "cpu":
-        return True  # numpy/OpenBLAS: plain float32 (torch's matmul precision setting does not apply)
-    if updates.device.type == "cuda":
-        return torch.get_float32_matmul_precision() == "highest" and not torch.backends.cuda.matmul.allow_tf32
-    return False
+# Checked path
 
 
 def _sketch_columns(d: int, device: torch.device) -> Tensor:
@@ -214,16 +193,17 @@ def _medoid(sq_dist: Tensor) -> int:
 
 
 def _trusted_pairs(dist: Tensor, scale: Tensor, d: int, equal: Tensor) -> Tensor:
-    """Pairs whose float32-Gram distance is within ``RELATIVE_TOLERANCE`` (relative) of exact.
+    """Pairs whose Gram distance is provably within ``RELATIVE_TOLERANCE`` (relative) of exact.
 
-    The error estimate is ``ROUNDING_FACTOR`` float32 roundings of the two centred squared norms,
-    plus an absolute floor for products below float32's normal range (4 x tiny per column).
-    ``equal`` marks rows verified equal to the centre row: two of them are exactly 0 apart (a zero
-    centred norm alone proves nothing: squares of values below ~1e-19 underflow to 0).
+    Each Gram entry sums d float64 products in some order: error <= gamma sum_k |c_ik c_jk| with
+    gamma = (d + 4) u (the 4 covers the centring and product roundings), and by Cauchy-Schwarz the
+    distance ``|c_i|^2 + |c_j|^2 - 2 c_i.c_j`` is off by at most ``2 gamma scale`` (scale: the two
+    squared norms). An absolute floor covers products below float64's normal range. ``equal``
+    marks rows verified equal to the centre: two of them are exactly 0 apart (a zero norm alone
+    proves nothing once squares underflow).
     """
-    unit = float(torch.finfo(torch.float32).eps) / 2
-    floor = 4.0 * d * float(torch.finfo(torch.float32).tiny)
-    error = ROUNDING_FACTOR * unit * scale + floor
+    unit = float(torch.finfo(torch.float64).eps) / 2
+    error = 2.01 * (d + 4) * unit * scale + 4.0 * d * float(torch.finfo(torch.float64).tiny)
     return (error <= RELATIVE_TOLERANCE * dist) | (equal[:, None] & equal[None, :])
 
 
@@ -255,38 +235,64 @@ def _components(pending: Tensor) -> list[Tensor]:
     return components
 
 
-def _float32_pairwise(updates: Tensor, max_chunk_bytes: int) -> Tensor:
-    """Squared distances from float32 Gram matrices, every pair checked (see the module notes)."""
+def _predicted_clusters(sketch: Tensor, centre: int, d: int) -> list[Tensor]:
+    """Clusters whose pairs the sample predicts to fail the check when centred on ``centre``.
+
+    On the sample, a row's centred squared norm is its squared distance to the centre, so the
+    check's ratio (scale-free) can be evaluated before the pass over the stack.
+    """
+    to_centre = sketch[centre]
+    scale = to_centre[:, None] + to_centre[None, :]
+    failing = ~_trusted_pairs(sketch, scale, d, torch.zeros_like(to_centre, dtype=torch.bool))
+    failing.fill_diagonal_(False)
+    return _components(failing)
+
+
+def _checked_pairwise(updates: Tensor, max_chunk_bytes: int) -> Tensor:
+    """Squared distances from row-centred float64 Gram matrices, every pair's error bounded.
+
+    Each level is one pass over the stack computing several Gram matrices: level 0 all rows
+    centred on the central row plus the clusters the sample predicts to fail (each centred on its
+    own central row); level 1 the clusters of pairs still open; then the exact fallback.
+    """
     n, d = updates.shape
     device = updates.device
     sketch = _exact_pairwise(updates.index_select(1, _sketch_columns(d, device)), None, max_chunk_bytes)
     dist = torch.zeros((n, n), dtype=torch.float64, device=device)
     final = torch.eye(n, dtype=torch.bool, device=device)
-    todo = [(torch.arange(n, device=device), 0)]
-    while todo:
-        rows, level = todo.pop()
-        grid = (rows[:, None], rows[None, :])
-        if level >= _FLOAT32_LEVELS:
-            exact = _exact_pairwise(updates, rows, max_chunk_bytes)
-            dist[grid] = torch.where(final[grid], dist[grid], exact)
-            final[grid] = True
-            continue
-        centre_row = int(rows[_medoid(sketch[grid])])
-        gram = _centred_gram(updates, None if level == 0 else rows, updates[centre_row], torch.float32, max_chunk_bytes)
-        if not bool(torch.isfinite(gram).all()):
-            # float32 overflow (values beyond ~1e19) or NaN/Inf in the input: float64 throughout.
+    everyone = torch.arange(n, device=device)
+    centre = _medoid(sketch)
+    level_groups = [everyone] + [everyone[c] for c in _predicted_clusters(sketch, centre, d)]
+    for level in range(_CENTRED_LEVELS + 1):
+        if not level_groups:
+            break
+        if level == _CENTRED_LEVELS:
+            for rows in level_groups:
+                grid = (rows[:, None], rows[None, :])
+                dist[grid] = torch.where(final[grid], dist[grid], _exact_pairwise(updates, rows, max_chunk_bytes))
+                final[grid] = True
+            break
+        centres = [int(rows[_medoid(sketch[rows[:, None], rows[None, :]])]) for rows in level_groups]
+        if level == 0:
+            centres[0] = centre
+        grams = _centred_grams(
+            updates, [(None if rows.numel() == n else rows, updates[c]) for rows, c in zip(level_groups, centres)], max_chunk_bytes
+        )
+        if not all(bool(torch.isfinite(gram).all()) for gram in grams):
+            # NaN/Inf in the input (or float64 overflow): the exact path says which distances.
             return _exact_pairwise(updates, None, max_chunk_bytes)
-        sub_dist, scale = _distances_from_gram(gram)
-        trusted = _trusted_pairs(sub_dist, scale, d, _equal_to_centre(updates, rows, centre_row, gram))
-        dist[grid] = torch.where(final[grid] | ~trusted, dist[grid], sub_dist)
-        final[grid] |= trusted
-        for component in _components(~final[grid]):
-            todo.append((rows[component], level + 1))
+        for rows, c, gram in zip(level_groups, centres, grams):
+            grid = (rows[:, None], rows[None, :])
+            sub_dist, scale = _distances_from_gram(gram)
+            trusted = _trusted_pairs(sub_dist, scale, d, _equal_to_centre(updates, rows, c, gram))
+            dist[grid] = torch.where(final[grid] | ~trusted, dist[grid], sub_dist)
+            final[grid] |= trusted
+        level_groups = [everyone[c] for c in _components(~final)]
     return dist
 
 
 def pairwise_sq_distances(updates: Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Tensor:
-    """Squared Euclidean distances between all rows, relative error below ~1e-5 for every pair.
+    """Squared Euclidean distances between all rows, relative error below 1e-5 for every pair.
 
     Parameters
     ----------
@@ -302,12 +308,13 @@ def pairwise_sq_distances(updates: Tensor, max_chunk_bytes: int = DEFAULT_MAX_CH
 
     Notes
     -----
-    float32 stacks of at least ``FAST_GRAM_MIN_COLUMNS`` columns use float32 products with a
-    per-pair error check (module notes); the rest, and the pairs that fail the check, are exact up
-    to float64 rounding. Non-finite input gives non-finite distances (callers validate).
+    Stacks wider than ``SKETCH_COLUMNS`` take the checked path (module notes): one float64 pass
+    over the stack for most inputs, a partial second one for each cluster far from the centre.
+    The rest, and the pairs the check rejects twice, take the exact fallback. Non-finite input
+    gives non-finite distances (callers validate).
     """
-    if _float32_gram_is_exact_enough(updates):
-        return _float32_pairwise(updates, max_chunk_bytes)
+    if updates.shape[1] > SKETCH_COLUMNS and updates.shape[0] > 2:
+        return _checked_pairwise(updates, max_chunk_bytes)
     return _exact_pairwise(updates, None, max_chunk_bytes)
 
 
@@ -455,7 +462,7 @@ def sorted_coordinates(block: Tensor) -> Tensor:
     (docs/benchmarks.md). Sorting is exact, so results are identical. Other devices and dtypes
     use ``torch.sort``.
     """
-    if block.device.type == "cpu" and block.dtype in _NUMPY_SORTABLE:
+    if uses_numpy(block):
         # .copy() always allocates (np.ascontiguousarray would return a view of an already
         # contiguous (1, n) transpose, and the in-place sort would then reorder the caller's data).
         rows = block.detach().numpy().T.copy(order="C")
