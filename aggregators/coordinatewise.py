@@ -272,17 +272,28 @@ class MeaMed:
         self.max_chunk_bytes = check_max_chunk_bytes("meamed", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
-        validate_updates("meamed", updates)
+        # The numpy kernel sees every value sorted, so it checks for NaN/Inf on the way.
+        validate_updates("meamed", updates, check_finite=not uses_numpy(updates))
         n, d = updates.shape
         f = self.num_byzantine
         if n <= 2 * f:
             raise impossible("meamed", n, f, "n > 2f")
-        vector, excluded, selected = mean_around_median(updates, n - f, self.max_chunk_bytes)
+        found = mean_around_median(updates, None, n - f, self.max_chunk_bytes)
+        if found is None:
+            raise_non_finite("meamed", updates)
+        vector, excluded, selected = found
         return AggregationResult(vector, excluded / d, selected)
 
 
-def mean_around_median(updates: Tensor, keep: int, max_chunk_bytes: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Per coordinate, average the ``keep`` values closest to the median.
+def mean_around_median(
+    updates: Tensor, rows: Optional[Tensor], keep: int, max_chunk_bytes: int
+) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    """Per coordinate of ``updates[rows]`` (all rows when None), average the ``keep`` values
+    closest to the median.
+
+    The rows are gathered block by block, so a subset costs no copy of the stack. On CPU
+    (float32/64) this runs :func:`aggregators.order_stats.mean_around_median`, which returns None
+    when it meets NaN or Inf (other devices do not check: validate first).
 
     Returns
     -------
@@ -293,13 +304,21 @@ def mean_around_median(updates: Tensor, keep: int, max_chunk_bytes: int) -> tupl
     selected : Tensor
         ``(n,)`` bool, kept in at least one coordinate.
     """
-    n, d = updates.shape
+    d = updates.shape[1]
+    n = updates.shape[0] if rows is None else int(rows.numel())
     vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
+    if uses_numpy(updates):
+        index = None if rows is None else as_numpy(rows)
+        found = order_stats.mean_around_median(as_numpy(updates), index, keep, as_numpy(vector), max_chunk_bytes)
+        if found is None:
+            return None
+        excluded, selected = found
+        return vector, torch.from_numpy(excluded).to(torch.float64), torch.from_numpy(selected)
     excluded = torch.zeros(n, dtype=torch.float64, device=updates.device)
     selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
     offsets = torch.arange(keep, device=updates.device)[None, :]
     for cols in column_chunks(n, d, _COORDINATE_BYTES_PER_VALUE + 8 * 2, max_chunk_bytes):
-        block = updates[:, cols]
+        block = updates[:, cols] if rows is None else updates[:, cols].index_select(0, rows)
         ordered = sorted_coordinates(block).to(updates.device)
         start = closest_window_start(ordered, keep)
         window = torch.gather(ordered, 1, start[:, None] + offsets)

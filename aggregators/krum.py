@@ -19,6 +19,7 @@ from aggregators.base import (
     check_max_chunk_bytes,
     check_num_byzantine,
     impossible,
+    raise_non_finite,
     validate_updates,
     validate_weights,
 )
@@ -246,7 +247,10 @@ class Bulyan:
             scores = krum_scores(sub, neighbours)
             chosen.append(remaining.pop(int(rank_by_krum(scores, sub, neighbours)[0])))
         index = torch.tensor(chosen, device=updates.device)
-        vector, excluded, kept = mean_around_median(updates[index], beta, self.max_chunk_bytes)
+        found = mean_around_median(updates, index, beta, self.max_chunk_bytes)
+        if found is None:  # cannot happen: the distances above were finite
+            raise_non_finite("bulyan", updates)
+        vector, excluded, kept = found
         fraction = torch.ones(n, dtype=torch.float64, device=updates.device)
         fraction[index] = excluded / d
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
