@@ -15,6 +15,7 @@ nothing when a core is taken.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -41,6 +42,17 @@ _blas_limiter: Optional[object] = None
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 _pool_lock = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    # A forked child has none of the parent's pool threads (a task queued on the inherited pool
+    # would wait forever) and none of its running kernels: start from scratch.
+    global _pool, _pool_size, _pool_lock, _blas_lock, _blas_users, _blas_limiter
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+    _blas_lock, _blas_users, _blas_limiter = threading.Lock(), 0, None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def uses_numpy(updates: Tensor) -> bool:

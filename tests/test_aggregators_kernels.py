@@ -4,6 +4,8 @@ NaN/Inf rows now that the check rides on their passes."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import pytest
@@ -201,3 +203,18 @@ def test_run_ranges_keeps_order_waits_for_all_and_reraises() -> None:
         with pytest.raises(RuntimeError, match="range 1 failed"):
             run_ranges(work, [(0, 1), (1, 2), (2, 3)])
         assert sorted(finished) == [0, 2]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_kernels_still_run_in_a_forked_child() -> None:
+    # The parent's worker threads do not exist in a child; the kernels must not wait for them.
+    x = attacked_stack(20, 2 * D, torch.float32)
+    rule = build("trimmed-mean")
+    with threads(2):
+        expected = rule(x).vector
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 on the same answer; the alarm ends a hang
+            signal.alarm(30)
+            os._exit(0 if torch.equal(rule(x).vector, expected) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
