@@ -17,10 +17,10 @@ from torch import Tensor
 
 from aggregators.blocks import as_numpy, run_ranges, split_range, uses_numpy, worker_count
 
-#: Default bound on the temporary memory a rule uses per chunk of columns. Small chunks stay in
-#: cache and reuse allocator blocks: at n=50, d=1e6 on this project's 2-core CPU, 4-16 MiB chunks
-#: ran 2-3x faster than 64-256 MiB ones with 2 threads, and no slower single-threaded (see the
-#: chunk-size rows of docs/benchmarks.md).
+#: Default bound on the temporary memory a rule uses per chunk of columns (all worker threads
+#: together). Small chunks stay in cache: at n=50, d=1e6 on this project's 2-core CPU the trimmed
+#: mean took 0.078 s with 8 MiB against 0.109 s with 64 MiB and 0.129 s with 1 MiB (per-block
+#: overhead), see the chunk-size rows of docs/benchmarks.md.
 DEFAULT_MAX_CHUNK_BYTES: int = 8 * 1024 * 1024
 
 

@@ -445,6 +445,41 @@ def weighted_mean_rows(updates: Tensor, coeffs: Tensor, out: Tensor, max_chunk_b
     return out
 
 
+def mix_rows_into(updates: Tensor, mixing: Tensor, out: Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Tensor:
+    """Write ``mixing @ updates`` into ``out``, accumulated in float64 per column block.
+
+    Parameters
+    ----------
+    updates : Tensor
+        ``(n, d)`` stack.
+    mixing : Tensor
+        ``(m, n)`` coefficients (used in float64).
+    out : Tensor
+        ``(m, d)`` buffer on ``updates.device``; filled (rounded to its dtype) and returned.
+    """
+    m, n = mixing.shape
+    d = updates.shape[1]
+    mixing = mixing.to(device=updates.device, dtype=torch.float64)
+    if not (uses_numpy(updates) and out.device.type == "cpu"):
+        for cols in column_chunks(max(m, n), d, 16, max_chunk_bytes):
+            out[:, cols] = (mixing @ updates[:, cols].to(torch.float64)).to(out.dtype)
+        return out
+    x, coefficients, target = as_numpy(updates), as_numpy(mixing), as_numpy(out)
+    workers = worker_count(max(m, n) * d, -(-d // GRAM_TILE))
+    width = max(1, min(d, (max_chunk_bytes // workers) // (8 * (n + m))))
+
+    def work(lo: int, hi: int) -> None:
+        wide = np.empty((n, width))
+        for start in range(lo, hi, width):
+            stop = min(hi, start + width)
+            block = wide[:, : stop - start]
+            np.copyto(block, x[:, start:stop])
+            target[:, start:stop] = coefficients @ block
+
+    run_ranges(work, split_range(d, workers, GRAM_TILE))
+    return out
+
+
 def sorted_coordinates(block: Tensor) -> Tensor:
     """Sort the n values of every coordinate of an ``(n, w)`` block.
 

@@ -25,12 +25,11 @@ from aggregators.base import (
     AggregationResult,
     check_max_chunk_bytes,
     check_num_byzantine,
-    column_chunks,
     impossible,
     validate_updates,
     validate_weights,
 )
-from aggregators.geometry import pairwise_sq_distances, sq_norms
+from aggregators.geometry import mix_rows_into, pairwise_sq_distances, sq_norms
 from aggregators.registry import register_pre
 
 PreStep = Callable[[Tensor, Optional[Tensor]], Tuple[Tensor, Tensor]]
@@ -38,13 +37,8 @@ PreStep = Callable[[Tensor, Optional[Tensor]], Tuple[Tensor, Tensor]]
 
 def mix_rows(updates: Tensor, mixing: Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Tensor:
     """``mixing @ updates`` accumulated in float64 per column chunk, returned in the input dtype."""
-    m, n = mixing.shape
-    d = updates.shape[1]
-    out = torch.empty((m, d), dtype=updates.dtype, device=updates.device)
-    mixing = mixing.to(device=updates.device, dtype=torch.float64)
-    for cols in column_chunks(max(m, n), d, 16, max_chunk_bytes):
-        out[:, cols] = (mixing @ updates[:, cols].to(torch.float64)).to(updates.dtype)
-    return out
+    out = torch.empty((mixing.shape[0], updates.shape[1]), dtype=updates.dtype, device=updates.device)
+    return mix_rows_into(updates, mixing, out, max_chunk_bytes)
 
 
 def _scale_rows(updates: Tensor, factors: Tensor) -> Tensor:

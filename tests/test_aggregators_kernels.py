@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import tracemalloc
 
 import pytest
 import torch
@@ -218,3 +219,22 @@ def test_kernels_still_run_in_a_forked_child() -> None:
             os._exit(0 if torch.equal(rule(x).vector, expected) else 1)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("name", RULES + ["geometric-median", "centered-clipping"])
+def test_scratch_memory_stays_within_max_chunk_bytes(name: str) -> None:
+    # numpy scratch is traced (torch's own allocations, e.g. the output, are not): the chunk
+    # budget for all threads plus a few float64 d-vectors; a temporary as large as the 12 MB stack
+    # would not fit.
+    n, d, chunk = 30, 100_000, 1 << 20
+    x = attacked_stack(n, d, torch.float32)
+    rule = aggregators.build(name, max_chunk_bytes=chunk) if name in ("mean", "median", "geometric-median", "centered-clipping") else aggregators.build(name, num_byzantine=2, max_chunk_bytes=chunk)
+    with threads(2):
+        rule(x)  # warm-up: pool threads, lazily built helpers
+        tracemalloc.start()
+        try:
+            rule(x)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert peak <= chunk + 4 * 8 * d + (1 << 20), f"{name}: {peak / 2**20:.1f} MiB of numpy scratch"
