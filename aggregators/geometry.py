@@ -34,11 +34,6 @@ from torch import Tensor
 from aggregators.base import DEFAULT_MAX_CHUNK_BYTES, column_chunks
 from aggregators.blocks import as_numpy, run_ranges, split_range, uses_numpy, worker_count
 
-#: Exact fallback: a pair whose squared distance is below this fraction of the two centred squared
-#: norms lost more than ~4 of float64's ~16 digits to cancellation: it is recomputed from the
-#: difference itself.
-_CANCELLATION_RATIO: float = 1e-4
-
 #: Most columns per symmetric product (fewer when ``max_chunk_bytes`` asks): measured as fast as
 #: 2048-4096 for the product and faster for the float64 cast (larger, fewer numpy calls).
 GRAM_TILE: int = 8192
@@ -148,22 +143,23 @@ def _exact_pairwise(updates: Tensor, rows: Optional[Tensor], max_chunk_bytes: in
 
     Pass 1 uses the float64 Gram matrix of the column-centred rows (translation does not change
     distances and removes the common offset that causes cancellation). If a far outlier drags the
-    mean so that many pairs still cancel, pass 2 centres on the row closest to the others
-    instead. Pairs that still cancel are recomputed as ``sum((x_i - x_j)^2)`` in float64, which is
-    exact up to float64 rounding of the sum because the difference of two float32 values is exact
-    in float64.
+    mean so that many pairs still fail the error bound (:func:`_trusted_pairs`), pass 2 centres on
+    the row closest to the others instead. Pairs that still fail are recomputed as
+    ``sum((x_i - x_j)^2)`` in float64, which is exact up to float64 rounding of the sum because the
+    difference of two float32 values is exact in float64.
     """
     n, d = updates.shape
     index = torch.arange(n, device=updates.device) if rows is None else rows
     m = int(index.numel())
     dist, scale = _distances_from_gram(_centred_grams(updates, [(rows, None)], max_chunk_bytes)[0])
     upper = torch.ones((m, m), dtype=torch.bool, device=updates.device).triu_(diagonal=1)
-    cancelled = upper & (dist <= _CANCELLATION_RATIO * scale) & (scale > 0)
+    nobody = torch.zeros(m, dtype=torch.bool, device=updates.device)
+    cancelled = upper & ~_trusted_pairs(dist, scale, d, nobody)
     if int(cancelled.sum()) > m:
         # A robust centre: the row with the smallest median distance to the others.
         centre_row = int(index[int(dist.median(dim=1).values.argmin())])
         dist, scale = _distances_from_gram(_centred_grams(updates, [(rows, updates[centre_row])], max_chunk_bytes)[0])
-        cancelled = upper & (dist <= _CANCELLATION_RATIO * scale) & (scale > 0)
+        cancelled = upper & ~_trusted_pairs(dist, scale, d, nobody)
     for i in torch.nonzero(cancelled.any(dim=1)).flatten().tolist():
         others = index[torch.nonzero(cancelled[i]).flatten()]
         exact = torch.zeros(others.numel(), dtype=torch.float64, device=updates.device)
