@@ -159,12 +159,14 @@ def test_triggered_testset_excludes_target_rows_stamps_all_and_labels_target(dat
 # --- corrupted source -----------------------------------------------------------------------------
 
 
-def test_corrupted_source_is_applied_at_the_honest_clients():
-    attackers = set(malicious_partitions(10, 3, seed=5))
+def test_corrupted_source_is_applied_at_the_chosen_partitions_which_stay_honest_clients():
+    """num-malicious counts the clients whose data source is corrupted; they send no crafted update."""
+    corrupted = set(malicious_partitions(10, 3, seed=5))
     for partition in range(10):
         role = attack_role("corrupted-source", "fraction=0.5", partition_id=partition, num_clients=10,
                            num_malicious=3, seed=5)
-        assert role.transforms_data == (partition not in attackers)
+        assert role.transforms_data == (partition in corrupted)
+        assert not role.transforms_update
         assert role.attack.poison_update(torch.ones(3), rng=torch.Generator()).tolist() == [1.0, 1.0, 1.0]
 
 
