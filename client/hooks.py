@@ -47,7 +47,8 @@ class AttackRole:
     @property
     def transforms_update(self) -> bool:
         """Transform this client's update after training (non-omniscient model poisoning)."""
-        return self.malicious and not getattr(self.attack, "omniscient", False)
+        honest_client = getattr(self.attack, "targets_honest", False)
+        return self.malicious and not honest_client and not getattr(self.attack, "omniscient", False)
 
 
 @lru_cache(maxsize=8)
