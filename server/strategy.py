@@ -26,6 +26,7 @@ from server.privacy import (
 )
 from server.reputation import Reputation
 from server.scoring import score_updates
+from server.settings import DP_MODES
 from server.validation import ReplyValidator, ValidReply
 
 #: ``interceptor(server_round, updates, node_ids, metrics, aggregator) -> updates``: a
@@ -33,7 +34,6 @@ from server.validation import ReplyValidator, ValidReply
 #: omniscient attackers; a deployed server leaves it unset.
 Interceptor = Callable[[int, torch.Tensor, list[int], list[dict], Callable], torch.Tensor]
 
-DP_MODES = ("off", "central", "client")
 
 
 @dataclass
