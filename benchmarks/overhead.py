@@ -4,8 +4,10 @@ Both federations run on Flower's simulation engine in this process, with the sam
 (``client.app:app``: same data, model and local training) and the same number of clients. The
 bare server is Flower 1.42's own ``FedAvg`` strategy with no evaluation; the Phalanx server
 validates every reply, scores every client, aggregates robustly, evaluates centrally, writes the
-audit record, the checkpoint and summary.json each round. Round time = wall time between the
-ends of consecutive rounds; the first round (actor start-up) is left out.
+audit record, the checkpoint and summary.json each round. Both servers are timed the same way:
+their Grid is wrapped and a round is the wall time between consecutive ``send_and_receive``
+calls, so everything a server does between two rounds counts (for Phalanx: aggregation,
+evaluation, audit, checkpoint, summary). The first round (actor start-up) is left out.
 
 Usage::
 
@@ -27,6 +29,27 @@ import torch
 from simulations.harness import run_federation, simulate
 
 
+class TimedGrid:
+    """A Grid that notes when each non-empty ``send_and_receive`` starts; the rest passes through."""
+
+    def __init__(self, grid) -> None:
+        self._grid = grid
+        self.calls: list[float] = []
+
+    def send_and_receive(self, messages, *args, **kwargs):
+        messages = list(messages)
+        if messages:  # FedAvg with fraction_evaluate=0 still calls it, with no message, every round
+            self.calls.append(time.perf_counter())
+        return self._grid.send_and_receive(messages, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def round_times(self) -> list[float]:
+        """Seconds from each round's send to the next round's send."""
+        return [b - a for a, b in zip(self.calls, self.calls[1:])]
+
+
 def bare_flower_round_times(num_clients: int, rounds: int) -> list[float]:
     """Seconds per round of Flower's FedAvg over Phalanx's ClientApp."""
     from flwr.app import ArrayRecord, Context
@@ -36,7 +59,7 @@ def bare_flower_round_times(num_clients: int, rounds: int) -> list[float]:
     from client.data import server_test_split
     from client.model import build_model
 
-    ends: list[float] = []
+    timed: list[TimedGrid] = []
     app = ServerApp()
 
     @app.main()
@@ -45,25 +68,35 @@ def bare_flower_round_times(num_clients: int, rounds: int) -> list[float]:
         torch.manual_seed(0)
         arrays = ArrayRecord(build_model(test.num_features, test.num_classes).state_dict())
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=num_clients)
-
-        def mark_round(server_round: int, _arrays: ArrayRecord) -> None:
-            ends.append(time.perf_counter())
-
-        strategy.start(grid=grid, initial_arrays=arrays, num_rounds=rounds, evaluate_fn=mark_round)
+        timed.append(TimedGrid(grid))
+        strategy.start(grid=timed[0], initial_arrays=arrays, num_rounds=rounds)
 
     simulate({"num-clients": num_clients, "num-malicious": 0, "attack": "none", "aggregator": "mean",
               "num-byzantine": 0, "rounds": rounds}, server_app=app)
-    # ends[0] is the evaluation before round 1; round r ends at ends[r].
-    return [b - a for a, b in zip(ends, ends[1:])]
+    return timed[0].round_times()
 
 
 def phalanx_round_times(num_clients: int, rounds: int, aggregator: str) -> list[float]:
-    """Seconds per round of the full Phalanx server (from summary.json)."""
+    """Seconds per round of the full Phalanx server (``server.app.run_server``)."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+
+    from server.app import run_server
+    from server.settings import RunSettings
+
+    timed: list[TimedGrid] = []
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        timed.append(TimedGrid(grid))
+        run_server(timed[0], RunSettings.from_run_config(dict(context.run_config)))
+
     with tempfile.TemporaryDirectory() as out:
-        summary = run_federation({"num-clients": num_clients, "num-malicious": 0, "attack": "none",
-                                  "aggregator": aggregator, "num-byzantine": 0 if aggregator == "mean" else 2,
-                                  "rounds": rounds, "out": out})
-    return [r["seconds"] for r in summary["rounds"]]
+        simulate({"num-clients": num_clients, "num-malicious": 0, "attack": "none", "aggregator": aggregator,
+                  "num-byzantine": 0 if aggregator == "mean" else 2, "rounds": rounds, "out": out},
+                 server_app=app)
+    return timed[0].round_times()
 
 
 def main() -> None:
