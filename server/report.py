@@ -64,6 +64,10 @@ class RunData:
         Known attackers (empty when unknown or none).
     alerts : list[dict]
         The monitor's alerts.
+    data_sources : dict[int, str]
+        What each node said it trained on (its latest ``client_reports`` entry): the partition in
+        simulation, the data source otherwise. Node ids are 63-bit random numbers; this is what
+        lets a reader tell which client a row is.
     """
 
     rounds: list[int] = field(default_factory=list)
@@ -74,6 +78,7 @@ class RunData:
     loss: dict[int, float] = field(default_factory=dict)
     malicious: set[int] = field(default_factory=set)
     alerts: list[dict] = field(default_factory=list)
+    data_sources: dict[int, str] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -146,6 +151,10 @@ def gather(summary: dict, csv_rows: list[dict] | None = None) -> RunData:
             node = _as_int(key, f"{where}.rejected")
             nodes.add(node)
             data.rejected[(r, node)] = str(reason)
+        for key, report in (record.get("client_reports") or {}).items():
+            source = _data_source(report)
+            if source:
+                data.data_sources[_as_int(key, f"{where}.client_reports")] = source
     for row in csv_rows or []:
         r, node = row.get("round"), row.get("node_id")
         if r is None or node is None:
@@ -175,8 +184,23 @@ def _img(figure: Figure, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(figure)}">'
 
 
+def _data_source(report) -> str:
+    """``partition 5`` in simulation, else the reported data source (clients' own strings)."""
+    if not isinstance(report, dict):
+        return ""
+    partition = report.get("partition-id")
+    if isinstance(partition, int) and not isinstance(partition, bool):
+        return f"partition {partition}"
+    source = report.get("data-source")
+    return str(source)[:60] if source else ""
+
+
 def _node_label(node: int, data: RunData) -> str:
-    return f"{node} *" if node in data.malicious else str(node)
+    label = str(node)
+    source = data.data_sources.get(node, "")
+    if source.startswith("partition "):
+        label += f" (p{source.removeprefix('partition ')})"
+    return f"{label} *" if node in data.malicious else label
 
 
 def heatmap_figure(data: RunData) -> Figure | None:
@@ -346,7 +370,7 @@ def flagged_table(data: RunData) -> str:
     rows = flagged_rows(data)
     if not rows:
         return "<p>No client was flagged or rejected.</p>"
-    header = ("<tr><th>node</th><th>known attacker</th><th>rounds flagged</th><th>worst score (round)</th>"
+    header = ("<tr><th>node</th><th>data</th><th>known attacker</th><th>rounds flagged</th><th>worst score (round)</th>"
               + "".join(f"<th>{name}</th>" for name in FEATURES)
               + "<th>reputation</th><th>rejections</th></tr>")
     body = []
@@ -358,10 +382,11 @@ def flagged_table(data: RunData) -> str:
         rejections = "<br>".join(f"r{r}: {html.escape(reason)}" for r, reason in row["rejections"]) or "&mdash;"
         attacker = {None: "unknown", True: "yes", False: "no"}[row["attacker"]]
         body.append(
-            f'<tr class="{"attacker" if row["attacker"] else ""}"><td>{row["node"]}</td><td>{attacker}</td>'
+            f'<tr class="{"attacker" if row["attacker"] else ""}"><td>{row["node"]}</td>'
+            f"<td>{html.escape(data.data_sources.get(row['node'], '')) or '&mdash;'}</td><td>{attacker}</td>"
             f"<td>{len(row['rounds_flagged'])}: {_rounds_text(row['rounds_flagged']) or '&mdash;'}</td>"
             f"<td>{worst}</td>{z_cells}<td>{_fmt(row['reputation'])}</td><td>{rejections}</td></tr>"
-            + (f'<tr class="raw"><td></td><td colspan="{len(FEATURES) + 5}">raw at worst round: {raw}</td></tr>'
+            + (f'<tr class="raw"><td></td><td colspan="{len(FEATURES) + 6}">raw at worst round: {raw}</td></tr>'
                if raw else "")
         )
     return f"<table>{header}{''.join(body)}</table>"

@@ -20,6 +20,7 @@ from server.scoring import detection_quality, score_updates, write_scores_csv
 REPO = Path(__file__).resolve().parents[1]
 SECTION_IDS = ("overview", "heatmap", "reputation", "curves", "alerts", "flagged", "config")
 HOSTILE_REASON = '<script>alert("x")</script> metric "num-examples" is not a number'
+HOSTILE_SOURCE = "<img src=x onerror=alert(1)> my data"
 
 
 def simulated_run(run_dir: Path, rounds: int = 6) -> dict:
@@ -51,6 +52,8 @@ def simulated_run(run_dir: Path, rounds: int = 6) -> dict:
             "flagged": sorted(flagged),
             "reputation": {str(n): reputation.reputations[n] for n in node_ids},
             "features": {str(row.pop("node_id")): row for row in scores.as_rows(node_ids)},
+            "client_reports": {str(n): {"partition-id": n - 101, "data-source": f"digits partition {n - 101}/8"}
+                               for n in node_ids} | ({"109": {"data-source": HOSTILE_SOURCE}} if r == 2 else {}),
         })
     summary = {
         "config": {"aggregator": "median", "attack": "sign-flip", "policy": "exclude", "flag-threshold": 0.5,
@@ -127,10 +130,13 @@ def test_flagged_table_lists_the_attackers_with_evidence(built_report):
     for row in attackers:
         assert row["rounds_flagged"] == [1, 2, 3, 4, 5, 6]
         assert row["features"]["cosine_z"] > 4.5  # sign flip: pointing away from the aggregate
-        assert f"<td>{row['node']}</td><td>yes</td><td>6: 1-6</td>" in table
+        # The partition a node reported says which simulated client the 63-bit node id is.
+        assert f"<td>{row['node']}</td><td>partition {row['node'] - 101}</td><td>yes</td><td>6: 1-6</td>" in table
     rejected = [row for row in rows if row["node"] == 109]
     assert rejected and rejected[0]["rejections"] == [(2, HOSTILE_REASON)]
     assert "r2: &lt;script&gt;" in table
+    assert "<td>&lt;img src=x onerror=alert(1)&gt; my data</td>" in table
+    assert "<img src=x" not in table
 
 
 def test_alert_messages_are_listed(built_report):
