@@ -810,6 +810,10 @@ def results_markdown(results: Sequence[CellResult], grid: SweepGrid) -> str:
     if any(r.detection.get("auroc") is not None for r in results):
         lines += _markdown_table("Detection AUROC (attackers vs honest clients)", results, grid, "auroc",
                                  with_worst_case=False)
+        lines += _markdown_table("Flag precision (flagged (node, round) pairs that were attackers)", results, grid,
+                                 "precision", with_worst_case=False)
+        lines += _markdown_table("Flag recall (attackers' (node, round) pairs that were flagged)", results, grid,
+                                 "recall", with_worst_case=False)
     problems = [r for r in results if r.status != "ok"]
     if problems:
         lines += ["## Cells without results", ""]
