@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from pathlib import Path
 
 GIB = 1024**3
@@ -117,8 +118,11 @@ def _one_rule(rule: str, n: int, d: int, chunk_mib: int, stack_file: str = "") -
     import aggregators
 
     if stack_file:
-        # Copy-on-write mapping: a rule that wrote into the stack would show up as anonymous memory.
-        stack = torch.from_numpy(np.memmap(stack_file, dtype=np.float32, mode="c", shape=(n, d)))
+        # Read-only mapping (a private writable one larger than RAM is refused by the kernel's
+        # overcommit check): a rule that wrote into its input would crash here, not pass.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            stack = torch.from_numpy(np.memmap(stack_file, dtype=np.float32, mode="r", shape=(n, d)))
     else:
         stack = torch.empty((n, d), dtype=torch.float32)
         _fill_rows(stack, n)
@@ -147,7 +151,9 @@ def bench_memory(args: argparse.Namespace) -> None:
         rows = []
         for rule in args.rules.split(","):
             child = subprocess.run([sys.executable, __file__, "_one", rule, str(args.n), str(args.d),
-                                    str(args.chunk_mib), stack_file], capture_output=True, text=True, check=True)
+                                    str(args.chunk_mib), stack_file], capture_output=True, text=True)
+            if child.returncode != 0:
+                raise SystemExit(f"{rule} failed (exit {child.returncode}):\n{child.stderr[-3000:]}")
             rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
     where = f"memory-mapped from a file in {args.stack_dir}" if args.stack_dir else "in RAM"
     extra = "peak anonymous memory over its value before the call" if args.stack_dir else "peak RSS minus the stack"
