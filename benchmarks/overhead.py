@@ -115,7 +115,8 @@ def main() -> None:
     print(f"| Flower FedAvg (bare) | {len(bare)} | {statistics.median(bare):.3f} | {statistics.mean(bare):.3f} |")
     print(f"| Phalanx ({args.aggregator}) | {len(phalanx)} | {statistics.median(phalanx):.3f} | "
           f"{statistics.mean(phalanx):.3f} |")
-    print(f"\nratio of medians: {statistics.median(phalanx) / statistics.median(bare):.2f}x")
+    print(f"\nratio of medians: {statistics.median(phalanx) / statistics.median(bare):.2f}x; "
+          f"ratio of means: {statistics.mean(phalanx) / statistics.mean(bare):.2f}x")
 
 
 if __name__ == "__main__":
