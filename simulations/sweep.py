@@ -806,14 +806,14 @@ def results_markdown(results: Sequence[CellResult], grid: SweepGrid) -> str:
     lines += _markdown_table("Best accuracy over rounds", results, grid, "best_accuracy", with_worst_case=False)
     if any(r.backdoor_asr is not None for r in results):
         lines += _markdown_table("Backdoor attack success rate", results, grid, "backdoor_asr",
-                                 with_worst_case=False)
+                                 with_worst_case=False, measured_rows_only=True)
     if any(r.detection.get("auroc") is not None for r in results):
         lines += _markdown_table("Detection AUROC (attackers vs honest clients)", results, grid, "auroc",
-                                 with_worst_case=False)
+                                 with_worst_case=False, measured_rows_only=True)
         lines += _markdown_table("Flag precision (flagged (node, round) pairs that were attackers)", results, grid,
-                                 "precision", with_worst_case=False)
+                                 "precision", with_worst_case=False, measured_rows_only=True)
         lines += _markdown_table("Flag recall (attackers' (node, round) pairs that were flagged)", results, grid,
-                                 "recall", with_worst_case=False)
+                                 "recall", with_worst_case=False, measured_rows_only=True)
     problems = [r for r in results if r.status != "ok"]
     if problems:
         lines += ["## Cells without results", ""]
@@ -823,11 +823,15 @@ def results_markdown(results: Sequence[CellResult], grid: SweepGrid) -> str:
 
 
 def _markdown_table(title: str, results: Sequence[CellResult], grid: SweepGrid, metric: str, *,
-                    with_worst_case: bool) -> list[str]:
+                    with_worst_case: bool, measured_rows_only: bool = False) -> list[str]:
+    """One markdown table of ``metric``; ``measured_rows_only`` drops attacks with no value in any
+    cell (no backdoor ASR without a backdoor, no detection without attackers)."""
     mean, std, count = accuracy_table(results, grid.attacks, grid.aggregators, metric)
     lines = [f"## {title}", "", "| attack \\ aggregator | " + " | ".join(grid.aggregators) + " |",
              "|---|" + "---|" * len(grid.aggregators)]
     for i, attack in enumerate(grid.attacks):
+        if measured_rows_only and not count[i].any():
+            continue
         cells = [_mean_std(mean[i, j], std[i, j], count[i, j]) for j in range(len(grid.aggregators))]
         lines.append(f"| {attack} | " + " | ".join(cells) + " |")
     worst = worst_case(mean, grid.attacks) if with_worst_case else None

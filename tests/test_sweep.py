@@ -26,7 +26,8 @@ from simulations.__main__ import main
 from simulations.harness import default_config
 from simulations.sweep import (
     CSV_COLUMNS, Cell, CellResult, Progress, cell_overrides, is_done, parse_attack_params, parse_seeds,
-    read_cell, record_failure, run_cell, split_aggregator, split_names, worst_case, write_outputs,
+    SweepGrid, read_cell, record_failure, results_markdown, run_cell, split_aggregator, split_names, worst_case,
+    write_outputs,
 )
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -250,3 +251,25 @@ def test_progress_shows_index_accuracy_elapsed_and_eta(tmp_path):
     assert "1/3 sign-flip x median, seed 0: final accuracy 0.9123 (30.0 s)" in first
     assert "ETA 0:30" in first  # one cell left to run, at 30 s a cell
     assert "2/3" in second and "skipped" in second and "ETA 0:30" in second
+
+
+def test_asr_and_detection_tables_list_only_attacks_that_have_them(tmp_path):
+    grid = SweepGrid(attacks=["none", "sign-flip", "backdoor"], aggregators=["mean", "median"], seeds=[0])
+    results = []
+    for cell in grid.cells:
+        attacked = cell.attack != "none"
+        results.append(CellResult(
+            cell, "ok", tmp_path, final_accuracy=0.9, best_accuracy=0.9,
+            backdoor_asr=0.7 if cell.attack == "backdoor" else None,
+            detection={"auroc": 0.8, "precision": 0.5, "recall": 0.4} if attacked else {}))
+    text = results_markdown(results, grid)
+
+    def rows(title: str) -> list[str]:
+        section = text[text.index(f"## {title}"):]
+        section = section[:section.find("\n## ", 3)] if "\n## " in section[3:] else section
+        return [line.split(" | ")[0].removeprefix("| ") for line in section.splitlines()[4:] if line.startswith("| ")]
+
+    assert rows("Final accuracy") == ["none", "sign-flip", "backdoor", "**worst case**"]
+    assert rows("Backdoor attack success rate") == ["backdoor"]
+    assert rows("Detection AUROC") == ["sign-flip", "backdoor"]
+    assert rows("Flag recall") == ["sign-flip", "backdoor"]
