@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from simulations.harness import run_federation, simulate
+from simulations.harness import simulate
 
 
 class TimedGrid:

@@ -59,7 +59,6 @@ def train(
 
 
 @torch.no_grad()
-@torch.no_grad()  # no autograd graph: evaluation runs every round on the server and clients
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[float, float]:
     """Return (mean cross-entropy loss, accuracy) of ``model`` on (x, y)."""
     model.to(device).eval()

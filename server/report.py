@@ -68,6 +68,8 @@ class RunData:
         What each node said it trained on (its latest ``client_reports`` entry): the partition in
         simulation, the data source otherwise. Node ids are 63-bit random numbers; this is what
         lets a reader tell which client a row is.
+    partitions : dict[int, int]
+        The simulation partition each node reported, for short figure labels.
     """
 
     rounds: list[int] = field(default_factory=list)
@@ -79,6 +81,7 @@ class RunData:
     malicious: set[int] = field(default_factory=set)
     alerts: list[dict] = field(default_factory=list)
     data_sources: dict[int, str] = field(default_factory=dict)
+    partitions: dict[int, int] = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------- loading
@@ -152,9 +155,13 @@ def gather(summary: dict, csv_rows: list[dict] | None = None) -> RunData:
             nodes.add(node)
             data.rejected[(r, node)] = str(reason)
         for key, report in (record.get("client_reports") or {}).items():
-            source = _data_source(report)
+            node = _as_int(key, f"{where}.client_reports")
+            partition = _partition(report)
+            if partition is not None:
+                data.partitions[node] = partition
+            source = f"partition {partition}" if partition is not None else _data_source(report)
             if source:
-                data.data_sources[_as_int(key, f"{where}.client_reports")] = source
+                data.data_sources[node] = source
     for row in csv_rows or []:
         r, node = row.get("round"), row.get("node_id")
         if r is None or node is None:
@@ -184,22 +191,20 @@ def _img(figure: Figure, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{_png(figure)}">'
 
 
+def _partition(report) -> int | None:
+    """The ``partition-id`` a client report carries (simulation), else None."""
+    partition = report.get("partition-id") if isinstance(report, dict) else None
+    return partition if isinstance(partition, int) and not isinstance(partition, bool) else None
+
+
 def _data_source(report) -> str:
-    """``partition 5`` in simulation, else the reported data source (clients' own strings)."""
-    if not isinstance(report, dict):
-        return ""
-    partition = report.get("partition-id")
-    if isinstance(partition, int) and not isinstance(partition, bool):
-        return f"partition {partition}"
-    source = report.get("data-source")
+    """The reported data source, cut to 60 characters (a client's own string)."""
+    source = report.get("data-source") if isinstance(report, dict) else None
     return str(source)[:60] if source else ""
 
 
 def _node_label(node: int, data: RunData) -> str:
-    label = str(node)
-    source = data.data_sources.get(node, "")
-    if source.startswith("partition "):
-        label += f" (p{source.removeprefix('partition ')})"
+    label = f"{node} (p{data.partitions[node]})" if node in data.partitions else str(node)
     return f"{label} *" if node in data.malicious else label
 
 

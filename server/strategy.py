@@ -35,7 +35,6 @@ from server.validation import ReplyValidator, ValidReply
 Interceptor = Callable[[int, torch.Tensor, list[int], list[dict], Callable], torch.Tensor]
 
 
-
 @dataclass
 class PrivacySettings:
     """Differential-privacy settings of a run.
