@@ -49,8 +49,11 @@ def closest_window_start(ordered: Tensor, keep: int) -> Tensor:
     """Start index of the ``keep`` consecutive sorted values closest to each coordinate's median.
 
     The ``keep`` values closest to the median are always a contiguous window of the sorted
-    values; the window whose farthest value is nearest to the median wins (the lowest start on
-    ties, so the choice depends on the values only, not on row order).
+    values, and the windows whose farthest value is nearest to the median (the reach) are the
+    candidates. Of those, the lowest one that keeps every value strictly nearer than the reach
+    wins: ties at exactly the reach are taken below the median first, so the choice depends on the
+    values only, not on row order (for 0, 0, 1.5, 1.8, 3 and keep 3: 0, 1.5, 1.8, never 0, 0, 1.5,
+    which would drop 1.8 for a farther 0).
 
     Parameters
     ----------
@@ -69,8 +72,14 @@ def closest_window_start(ordered: Tensor, keep: int) -> Tensor:
     median = _median_of_sorted(ordered)[:, None]
     lows = ordered[:, :starts].to(torch.float64)
     highs = ordered[:, keep - 1 : keep - 1 + starts].to(torch.float64)
-    reach = torch.maximum(median - lows, highs - median)
-    return reach.argmin(dim=1)
+    spread = highs - median
+    reach = torch.maximum(median - lows, spread)
+    first = reach.argmin(dim=1)
+    nearest = reach.gather(1, first[:, None])
+    # The last value strictly nearer than the reach ends a window: the window ends that are at or
+    # below the median or nearer than the reach, counted, place it.
+    ends_in = ((spread < nearest) | (spread <= 0)).sum(dim=1)
+    return torch.maximum(first, ends_in - 1)
 
 
 @register("mean")

@@ -198,9 +198,10 @@ def mean_around_median(
 ) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """Per coordinate of ``x[rows]``, the float64 mean of the ``keep`` values closest to the median.
 
-    The ``keep`` values closest to the median are a contiguous window of the sorted values; the
-    window whose farthest value is nearest to the median wins (the lowest start on ties, so the
-    choice depends on the values only, not on row order).
+    The ``keep`` values closest to the median are a contiguous window of the sorted values: every
+    value strictly nearer than the ``keep``-th smallest distance (the reach), then values at
+    exactly the reach, those below the median first (so the choice depends on the values only,
+    not on row order; the same rule as :func:`aggregators.coordinatewise.closest_window_start`).
 
     Returns
     -------
@@ -233,7 +234,13 @@ def mean_around_median(
             np.subtract(ordered[:, keep - 1 : keep - 1 + starts], med, out=spread[:w])
             np.maximum(reach[:w], spread[:w], out=reach[:w])
             first = reach[:w].argmin(axis=1)  # first minimum: the lowest start on ties
-            window = np.take_along_axis(ordered, first[:, None] + offsets, axis=1)
+            # Of the minimal-reach windows, the lowest one that keeps every value strictly nearer
+            # than the reach: it ends no lower than the last such value, which sits at
+            # keep - 1 + (number of window ends that are <= median or nearer than the reach) - 1.
+            nearest = reach[np.arange(w), first][:, None]
+            ends_in = np.count_nonzero((spread[:w] < nearest) | (spread[:w] <= 0), axis=1)
+            window_start = np.maximum(first, ends_in - 1)
+            window = np.take_along_axis(ordered, window_start[:, None] + offsets, axis=1)
             vector[start:stop] = _sum_into(window, wide, ones) / keep
             outside.add(block, window[:, 0], window[:, -1])
 

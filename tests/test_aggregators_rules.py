@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 
 import aggregators
+from aggregators.blocks import portable_kernels
 
 DTYPES = [torch.float32, torch.float64]
 
@@ -225,6 +228,18 @@ def test_meamed_keeps_values_closest_to_the_median() -> None:
     assert out.vector.item() == pytest.approx(5.5 / 3)
     assert out.scores.tolist() == [1.0, 0.0, 0.0, 0.0, 1.0]
     assert out.selected.tolist() == [False, True, True, True, False]
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_meamed_keeps_every_value_nearer_than_a_tie(portable: bool) -> None:
+    # Median 1.5, three kept: 1.5 and 1.8 are strictly nearer than 0, 0 and 3 (all at 1.5), so
+    # both stay, and the tie goes to the lower side: 0, 1.5, 1.8. The window 0, 0, 1.5 has the
+    # same reach but would drop 1.8 for a farther 0.
+    x = stack([[0.0], [0.0], [1.5], [1.8], [3.0]])
+    with portable_kernels() if portable else nullcontext():
+        out = aggregators.build("meamed", num_byzantine=2)(x)
+    assert out.vector.item() == pytest.approx(3.3 / 3)
+    assert out.scores.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0]
 
 
 # --- geometric median -------------------------------------------------------------------------
