@@ -1,9 +1,14 @@
 """Mean and coordinate-wise rules: ``mean``, ``median``, ``trimmed-mean``, ``meamed``.
 
-Coordinate-wise rules process the columns in chunks of at most ``max_chunk_bytes`` of temporaries,
-write each chunk into one preallocated output vector, and sort only along the n axis
-(:func:`aggregators.geometry.sorted_coordinates`; numpy's SIMD sort on CPU, measured fastest),
-working on a ``(w, n)`` layout where each coordinate's n sorted values are contiguous.
+Three kernels, one result:
+
+- CPU (float32/64): :mod:`aggregators.order_stats`, numpy's SIMD sort on column blocks of at most
+  ``max_chunk_bytes`` of temporaries (measured fastest there);
+- CUDA (float32/64, up to :data:`aggregators.order_stats_triton.MAX_ROWS` rows, Triton installed):
+  :mod:`aggregators.order_stats_triton`, selection in registers, one read of the stack; its
+  temporaries are a few values per program and row, so it needs no column chunks;
+- anything else: ``torch.sort`` along the n axis on chunks of columns
+  (:func:`aggregators.geometry.sorted_coordinates`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,15 @@ from aggregators.base import (
     validate_updates,
     validate_weights,
 )
-from aggregators import order_stats
+from aggregators import order_stats, order_stats_triton
 from aggregators.blocks import as_numpy, uses_numpy
 from aggregators.geometry import sorted_coordinates, sq_distances_to, weighted_mean_rows
 from aggregators.registry import register
+
+def _selects_on_gpu(updates: Tensor, rows: int) -> bool:
+    """Whether ``updates`` takes the Triton selection kernels (see the module docstring)."""
+    return not uses_numpy(updates) and order_stats_triton.supports(updates, rows)
+
 
 #: Temporaries per element in a coordinate-wise chunk: the sorted copy (<= 8 bytes), float64
 #: window/median arithmetic (~16 bytes) and a few boolean masks.
@@ -147,17 +157,25 @@ class Median:
         self.max_chunk_bytes = check_max_chunk_bytes("median", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        # The numpy and Triton kernels see every value, so they check for NaN/Inf on the way.
+        validate_updates("median", updates, check_finite=False)
+        n, d = updates.shape
         if uses_numpy(updates):
-            # The kernel sees every value sorted, so it checks for NaN/Inf on the way.
-            validate_updates("median", updates, check_finite=False)
-            vector = torch.empty(updates.shape[1], dtype=updates.dtype)
+            vector = torch.empty(d, dtype=updates.dtype)
             found = order_stats.median(as_numpy(updates), as_numpy(vector), self.max_chunk_bytes)
             if found is None:
                 raise_non_finite("median", updates)
             selected, sq_distances = found
             return AggregationResult(vector, torch.from_numpy(sq_distances).sqrt(), torch.from_numpy(selected))
+        if _selects_on_gpu(updates, n):
+            vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
+            found = order_stats_triton.kept_mean(updates, (n - 1) // 2, n // 2, vector, with_sq_distances=True)
+            if found is None:
+                raise_non_finite("median", updates)
+            outside, sq_distances = found
+            # Outside both middle values in every coordinate: supplied no middle value.
+            return AggregationResult(vector, sq_distances.sqrt(), outside < d)
         validate_updates("median", updates)
-        n, d = updates.shape
         vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
         for cols in column_chunks(n, d, _COORDINATE_BYTES_PER_VALUE, self.max_chunk_bytes):
@@ -209,13 +227,21 @@ class TrimmedMean:
         self.max_chunk_bytes = check_max_chunk_bytes("trimmed-mean", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
-        numpy_kernel = uses_numpy(updates)
-        # The numpy kernel sees every value sorted, so it checks for NaN/Inf on the way.
-        validate_updates("trimmed-mean", updates, check_finite=not numpy_kernel)
+        validate_updates("trimmed-mean", updates, check_finite=False)
         n, d = updates.shape
+        numpy_kernel, gpu_kernel = uses_numpy(updates), _selects_on_gpu(updates, n)
+        if not (numpy_kernel or gpu_kernel):
+            validate_updates("trimmed-mean", updates)  # the others see every value and check
         f = self.num_byzantine
         if n <= 2 * f:
             raise impossible("trimmed-mean", n, f, "n > 2f")
+        if gpu_kernel:
+            vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
+            found = order_stats_triton.kept_mean(updates, f, n - f - 1, vector, with_sq_distances=False)
+            if found is None:
+                raise_non_finite("trimmed-mean", updates)
+            counts = found[0]
+            return AggregationResult(vector, counts.to(torch.float64) / d, counts < d)
         if numpy_kernel:
             vector = torch.empty(d, dtype=updates.dtype)
             counts = order_stats.trimmed_mean(as_numpy(updates), f, as_numpy(vector), self.max_chunk_bytes)
@@ -281,8 +307,9 @@ class MeaMed:
         self.max_chunk_bytes = check_max_chunk_bytes("meamed", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
-        # The numpy kernel sees every value sorted, so it checks for NaN/Inf on the way.
-        validate_updates("meamed", updates, check_finite=not uses_numpy(updates))
+        validate_updates("meamed", updates, check_finite=False)
+        if not (uses_numpy(updates) or _selects_on_gpu(updates, updates.shape[0])):
+            validate_updates("meamed", updates)  # the others see every value and check
         n, d = updates.shape
         f = self.num_byzantine
         if n <= 2 * f:
@@ -301,8 +328,9 @@ def mean_around_median(
     closest to the median.
 
     The rows are gathered block by block, so a subset costs no copy of the stack. On CPU
-    (float32/64) this runs :func:`aggregators.order_stats.mean_around_median`, which returns None
-    when it meets NaN or Inf (other devices do not check: validate first).
+    (float32/64) this runs :func:`aggregators.order_stats.mean_around_median` and on CUDA
+    :func:`aggregators.order_stats_triton.closest_mean`, which return None when they meet NaN or
+    Inf (the sorting fallback does not check: validate first).
 
     Returns
     -------
@@ -323,6 +351,11 @@ def mean_around_median(
             return None
         excluded, selected = found
         return vector, torch.from_numpy(excluded).to(torch.float64), torch.from_numpy(selected)
+    if _selects_on_gpu(updates, n):
+        counts = order_stats_triton.closest_mean(updates, rows, keep, vector)
+        if counts is None:
+            return None
+        return vector, counts.to(torch.float64), counts < d
     excluded = torch.zeros(n, dtype=torch.float64, device=updates.device)
     selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
     offsets = torch.arange(keep, device=updates.device)[None, :]
