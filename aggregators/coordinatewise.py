@@ -156,6 +156,7 @@ class Median:
     def __init__(self, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
         self.max_chunk_bytes = check_max_chunk_bytes("median", max_chunk_bytes)
 
+    @order_stats_triton.falls_back_to_sorting
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
         # The numpy and Triton kernels see every value, so they check for NaN/Inf on the way.
         validate_updates("median", updates, check_finite=False)
@@ -226,6 +227,7 @@ class TrimmedMean:
         self.num_byzantine = check_num_byzantine("trimmed-mean", num_byzantine)
         self.max_chunk_bytes = check_max_chunk_bytes("trimmed-mean", max_chunk_bytes)
 
+    @order_stats_triton.falls_back_to_sorting
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
         validate_updates("trimmed-mean", updates, check_finite=False)
         n, d = updates.shape
@@ -306,6 +308,7 @@ class MeaMed:
         self.num_byzantine = check_num_byzantine("meamed", num_byzantine)
         self.max_chunk_bytes = check_max_chunk_bytes("meamed", max_chunk_bytes)
 
+    @order_stats_triton.falls_back_to_sorting
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
         validate_updates("meamed", updates, check_finite=False)
         if not (uses_numpy(updates) or _selects_on_gpu(updates, updates.shape[0])):

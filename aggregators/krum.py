@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from aggregators import order_stats_triton
 from aggregators.base import (
     DEFAULT_MAX_CHUNK_BYTES,
     AggregationResult,
@@ -231,6 +232,7 @@ class Bulyan:
         self.num_byzantine = check_num_byzantine("bulyan", num_byzantine)
         self.max_chunk_bytes = check_max_chunk_bytes("bulyan", max_chunk_bytes)
 
+    @order_stats_triton.falls_back_to_sorting
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
         validate_updates("bulyan", updates, check_finite=False)
         n, d = updates.shape

@@ -27,9 +27,11 @@ the test suite checks them on machines without a GPU.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional, TypeVar
 
 import torch
 from torch import Tensor
@@ -51,12 +53,43 @@ BLOCK_D = 128
 NUM_WARPS = 4
 
 _on_cpu = False
+_failure: Optional[str] = None
+
+R = TypeVar("R")
+
+
+class KernelUnavailable(RuntimeError):
+    """Triton could not compile or launch a kernel on this machine (no compiler, too few
+    resources...); the kernels are switched off for the rest of the process."""
+
+
+def failure() -> Optional[str]:
+    """Why the kernels were switched off, or None while they work."""
+    return _failure
+
+
+def falls_back_to_sorting(call: Callable[..., R]) -> Callable[..., R]:
+    """Decorate a rule's ``__call__``: when a kernel fails, call again, now on the sorting path.
+
+    A broken Triton install (a missing ``ptxas``, an unsupported GPU) must not cost a round: the
+    first failure is logged, the kernels are switched off, and the rule runs as without Triton,
+    with the full input validation of that path.
+    """
+
+    @functools.wraps(call)
+    def wrapper(*args, **kwargs):
+        try:
+            return call(*args, **kwargs)
+        except KernelUnavailable:
+            return call(*args, **kwargs)
+
+    return wrapper
 
 
 def supports(updates: Tensor, rows: int) -> bool:
     """Whether the kernels take this stack: float32/64 on CUDA (or on CPU inside
-    :func:`interpreted_on_cpu`), at most :data:`MAX_ROWS` rows."""
-    if triton is None or updates.dtype not in (torch.float32, torch.float64) or not 1 <= rows <= MAX_ROWS:
+    :func:`interpreted_on_cpu`), at most :data:`MAX_ROWS` rows, and no kernel has failed."""
+    if triton is None or _failure is not None or updates.dtype not in (torch.float32, torch.float64) or not 1 <= rows <= MAX_ROWS:
         return False
     return updates.device.type == "cuda" or (_on_cpu and updates.device.type == "cpu")
 
@@ -277,6 +310,19 @@ if triton is not None:
         tl.store(bad_ptr + pid, tl.sum(bad, axis=0))
 
 
+def _launch(kernel, programs: int, *args, **meta) -> None:
+    """Launch ``kernel`` on ``programs`` programs; on any failure switch the kernels off."""
+    global _failure
+    try:
+        kernel[(programs,)](*args, **meta)
+    except Exception as exc:  # noqa: BLE001 - compiler and driver errors have no common type
+        _failure = f"{type(exc).__name__}: {exc}"
+        logging.getLogger(__name__).warning(
+            "Triton selection kernel failed (%s); the coordinate-wise rules sort from now on", _failure
+        )
+        raise KernelUnavailable(_failure) from exc
+
+
 def _launch_shape(updates: Tensor, m: int, block: int) -> tuple[int, int, int]:
     d = updates.shape[1]
     tiles = triton.cdiv(d, block)
@@ -291,13 +337,14 @@ def _rows_arg(updates: Tensor, rows: Optional[Tensor]) -> Tensor:
 
 def kept_mean(
     updates: Tensor, k_low: int, k_high: int, vector: Tensor, with_sq_distances: bool,
-    block: int = BLOCK_D, num_warps: int = NUM_WARPS,
+    block: Optional[int] = None, num_warps: Optional[int] = None,
 ) -> Optional[tuple[Tensor, Optional[Tensor]]]:
     """Mean of the order statistics ``k_low..k_high`` of every column of ``updates`` into ``vector``.
 
     Trimmed mean: ``k_low = f``, ``k_high = n - f - 1``; median: the middle one or two ranks.
 
-    ``block`` and ``num_warps`` are launch settings (results do not depend on them).
+    ``block`` and ``num_warps`` are launch settings (results do not depend on them; None:
+    :data:`BLOCK_D`, :data:`NUM_WARPS`).
 
     Returns
     -------
@@ -308,16 +355,16 @@ def kept_mean(
         then partly written).
     """
     m, d = updates.shape
-    tiles, programs, m_pad = _launch_shape(updates, m, block)
+    tiles, programs, m_pad = _launch_shape(updates, m, block or BLOCK_D)
     outside = torch.empty((programs, m_pad), dtype=torch.int32, device=updates.device)
     sq = torch.empty((programs, m_pad), dtype=torch.float64, device=updates.device) if with_sq_distances else outside
     bad = torch.empty(programs, dtype=torch.int32, device=updates.device)
     is_f64 = updates.dtype == torch.float64
-    _kept_mean_kernel[(programs,)](
-        updates, _rows_arg(updates, None), vector, outside, sq, bad,
+    _launch(
+        _kept_mean_kernel, programs, updates, _rows_arg(updates, None), vector, outside, sq, bad,
         m, d, updates.stride(0), updates.stride(1), k_low, k_high, tiles, programs,
         HAS_ROWS=False, WITH_SQ=with_sq_distances, IS_F64=is_f64,
-        BITS=64 if is_f64 else 32, M_PAD=m_pad, BLOCK=block, num_warps=num_warps,
+        BITS=64 if is_f64 else 32, M_PAD=m_pad, BLOCK=block or BLOCK_D, num_warps=num_warps or NUM_WARPS,
     )
     if bool(bad.any()):
         return None
@@ -326,7 +373,7 @@ def kept_mean(
 
 
 def closest_mean(
-    updates: Tensor, rows: Optional[Tensor], keep: int, vector: Tensor, block: int = BLOCK_D, num_warps: int = NUM_WARPS
+    updates: Tensor, rows: Optional[Tensor], keep: int, vector: Tensor, block: Optional[int] = None, num_warps: Optional[int] = None
 ) -> Optional[Tensor]:
     """Per column of ``updates[rows]`` (all rows when None), the mean of the ``keep`` values
     nearest the median, into ``vector``.
@@ -339,15 +386,15 @@ def closest_mean(
     """
     d = updates.shape[1]
     m = updates.shape[0] if rows is None else int(rows.numel())
-    tiles, programs, m_pad = _launch_shape(updates, m, block)
+    tiles, programs, m_pad = _launch_shape(updates, m, block or BLOCK_D)
     outside = torch.empty((programs, m_pad), dtype=torch.int32, device=updates.device)
     bad = torch.empty(programs, dtype=torch.int32, device=updates.device)
     is_f64 = updates.dtype == torch.float64
-    _closest_mean_kernel[(programs,)](
-        updates, _rows_arg(updates, rows), vector, outside, bad,
+    _launch(
+        _closest_mean_kernel, programs, updates, _rows_arg(updates, rows), vector, outside, bad,
         m, d, updates.stride(0), updates.stride(1), keep, tiles, programs,
         HAS_ROWS=rows is not None, IS_F64=is_f64,
-        BITS=64 if is_f64 else 32, M_PAD=m_pad, BLOCK=block, num_warps=num_warps,
+        BITS=64 if is_f64 else 32, M_PAD=m_pad, BLOCK=block or BLOCK_D, num_warps=num_warps or NUM_WARPS,
     )
     if bool(bad.any()):
         return None

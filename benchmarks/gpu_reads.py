@@ -13,7 +13,9 @@ would use.
 
 Targets (issue 8, an H100 at n=100, d=11.2M): Krum, median and trimmed mean at most 10 reads,
 Bulyan at most 40. Each rule's output on the first ``--check-columns`` columns is compared with
-the CPU (numpy) kernel's: the column "max |diff| vs CPU".
+the CPU (numpy) kernel's: the column "max |diff| vs CPU". Each rule is timed at every
+``--chunk-bytes`` value: the default ``max_chunk_bytes`` is sized for CPU caches, and the torch
+paths (Krum's Gram matrix, distances) launch a few kernels per chunk of columns.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import aggregators  # noqa: E402
 from aggregators import order_stats_triton  # noqa: E402
+from aggregators.base import DEFAULT_MAX_CHUNK_BYTES  # noqa: E402
 
 TARGET_READS = {"krum": 10, "median": 10, "trimmed-mean": 10, "bulyan": 40}
 
@@ -69,8 +72,9 @@ def make_stack(n: int, d: int, f: int, seed: int, device: torch.device) -> torch
     return stack
 
 
-def rule_call(name: str, f: int, stack: torch.Tensor) -> Callable[[], aggregators.AggregationResult]:
-    rule = aggregators.build(name, num_byzantine=f)
+def rule_call(name: str, f: int, stack: torch.Tensor, max_chunk_bytes: Optional[int] = None) -> Callable[[], aggregators.AggregationResult]:
+    params = {} if max_chunk_bytes is None else {"max_chunk_bytes": max_chunk_bytes}
+    rule = aggregators.build(name, num_byzantine=f, **params)
     trusted = stack[: stack.shape[0] - f].mean(dim=0)
 
     def call() -> aggregators.AggregationResult:
@@ -111,6 +115,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check-columns", type=int, default=200_000)
+    parser.add_argument(
+        "--chunk-bytes",
+        default=f"{DEFAULT_MAX_CHUNK_BYTES},{256 << 20}",
+        help="comma list of max_chunk_bytes to time each rule with (the default suits CPU caches; the torch paths "
+        "on CUDA launch a few kernels per chunk)",
+    )
     parser.add_argument("--sweep", action="store_true", help="also time the selection kernels' launch settings")
     parser.add_argument("--smoke", action="store_true", help="allow a CPU run (with TRITON_INTERPRET=1 for --sweep)")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "gpu.md"))
@@ -127,20 +137,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"one read of {gib:.2f} GiB: {read_s * 1e3:.3f} ms ({gib / read_s:.0f} GiB/s)", flush=True)
 
     names = aggregators.available() if args.rules == "all" else args.rules.split(",")
+    chunk_sizes = [int(float(value)) for value in args.chunk_bytes.split(",")]
     table = []
     for name in names:
-        seconds = cuda_seconds(rule_call(name, f, stack), args.repeats)
         diff = cpu_difference(name, f, stack, min(d, args.check_columns))
         target = TARGET_READS.get(name)
-        verdict = "" if target is None else (f"<= {target}: met" if seconds / read_s <= target else f"<= {target}: NOT met")
-        table.append(f"| {name} | Phalanx | {seconds:.4f} | {seconds / read_s:.1f} | {diff:.2e} | {verdict} |")
-        print(table[-1], flush=True)
+        for chunk in chunk_sizes:
+            seconds = cuda_seconds(rule_call(name, f, stack, chunk), args.repeats)
+            verdict = "" if target is None else (f"<= {target}: met" if seconds / read_s <= target else f"<= {target}: NOT met")
+            table.append(f"| {name} | Phalanx | {chunk / 2**20:g} | {seconds:.4f} | {seconds / read_s:.1f} | {diff:.2e} | {verdict} |")
+            print(table[-1], flush=True)
     for label, fn in (
         ("torch.median(dim=0)", lambda: torch.median(stack, dim=0)),
         ("torch.sort(dim=0)", lambda: torch.sort(stack, dim=0)),
     ):
         seconds = cuda_seconds(fn, args.repeats)
-        table.append(f"| {label} | torch | {seconds:.4f} | {seconds / read_s:.1f} |  |  |")
+        table.append(f"| {label} | torch |  | {seconds:.4f} | {seconds / read_s:.1f} |  |  |")
         print(table[-1], flush=True)
 
     import triton
@@ -160,8 +172,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{args.repeats} calls after a warm-up; reads = seconds / one read.",
         f"- max |diff| vs CPU: on the first {min(d, args.check_columns):,} columns, against the numpy kernels.",
         "",
-        "| rule | implementation | seconds | reads | max abs diff vs CPU | target |",
-        "|---|---|---:|---:|---:|---|",
+        "| rule | implementation | max_chunk_bytes (MiB) | seconds | reads | max abs diff vs CPU | target |",
+        "|---|---|---:|---:|---:|---:|---|",
         *table,
     ]
     if args.sweep:

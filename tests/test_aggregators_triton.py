@@ -115,6 +115,25 @@ def test_the_rules_take_the_selection_kernels(name: str, monkeypatch: pytest.Mon
     x = torch.randn(9, 50)
     on_kernels(build(name, 2), x)
     assert len(calls) == 1
+    assert order_stats_triton.failure() is None  # ran, and did not fall back to sorting
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_a_failing_kernel_costs_nothing_but_the_kernel(name, monkeypatch, caplog) -> None:
+    # A tile width Triton refuses (not a power of two) stands for a broken install.
+    monkeypatch.setattr(order_stats_triton, "_failure", None)  # restored after the test
+    monkeypatch.setattr(order_stats_triton, "BLOCK_D", 3)
+    x = torch.randn(11, 30)
+    x[2] += 100.0
+    with caplog.at_level("WARNING", logger="aggregators.order_stats_triton"):
+        out = on_kernels(build(name, 2), x)
+    assert_same(out, build(name, 2)(x))  # the same call answered, on the sorting path
+    assert order_stats_triton.failure() is not None
+    assert "sort from now on" in caplog.text
+    assert not order_stats_triton.supports(x.cuda() if ON_GPU else x, 11)
+    x[4, 3] = float("nan")  # the sorting path validates in full
+    with pytest.raises(ValueError, match=r"rows \[4\] contain NaN or Inf"):
+        on_kernels(build(name, 2), x)
 
 
 def test_more_rows_than_registers_take_the_sorting_path() -> None:
@@ -124,7 +143,10 @@ def test_more_rows_than_registers_take_the_sorting_path() -> None:
     assert_same(on_kernels(build("trimmed-mean", 10), x), build("trimmed-mean", 10)(x))
 
 
-def test_a_column_slice_of_a_wider_stack() -> None:
-    # Rows with a stride larger than d (a view): the kernel must follow the row stride.
-    x = torch.randn(9, 100)[:, 10:47]
-    assert_same(on_kernels(build("trimmed-mean", 2), x), build("trimmed-mean", 2)(x.contiguous()))
+@pytest.mark.parametrize("name", RULES)
+def test_views_are_read_through_their_strides(name: str) -> None:
+    # A column slice (row stride > d) and a transposed stack (column stride n): no copy is made,
+    # so the kernels must follow both strides.
+    wide = torch.randn(11, 100)
+    for view in (wide[:, 10:47], torch.randn(40, 11).T):
+        assert_same(on_kernels(build(name, 2), view), build(name, 2)(view.contiguous()))
