@@ -78,7 +78,7 @@ def simulate(overrides: dict[str, Any], *, server_app=None, verbose: bool = Fals
         Run-config keys that differ from the defaults (unknown keys are refused).
     server_app : flwr.serverapp.ServerApp | None
         Another ServerApp object to drive the same clients (benchmarks compare against Flower's
-        own strategies this way); None runs ``server.app:app``.
+        own strategies this way); None runs ``server.app``'s ``app``.
     verbose : bool
         Show Flower's and Ray's own logs too.
     """
@@ -108,12 +108,18 @@ def simulate(overrides: dict[str, Any], *, server_app=None, verbose: bool = Fals
         "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "INFO" if verbose else "ERROR",
                       "log_to_driver": verbose},
     }
+    if server_app is None:
+        # Handed over as an object, not as "server.app:app": by name, Flower parses server/app.py
+        # in the ServerApp thread while the simulation engine parses client/app.py, and two
+        # concurrent ast.parse calls can fail on CPython 3.11 ("AST constructor recursion depth
+        # mismatch", seen once in CI).
+        from server.app import app as server_app
     _run_simulation(
         num_supernodes=int(run_config["num-clients"]),
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
         client_app_attr="client.app:app",
         server_app=server_app,
-        server_app_attr=None if server_app is not None else "server.app:app",
+        server_app_attr=None,
         server_app_context=context,
         app_dir=str(app_dir),
         run=run,
