@@ -34,6 +34,7 @@ from aggregators.blocks import as_numpy, uses_numpy
 from aggregators.geometry import sorted_coordinates, sq_distances_to, weighted_mean_rows
 from aggregators.registry import register
 
+
 def _selects_on_gpu(updates: Tensor, rows: int) -> bool:
     """Whether ``updates`` takes the Triton selection kernels (see the module docstring)."""
     return not uses_numpy(updates) and order_stats_triton.supports(updates, rows)

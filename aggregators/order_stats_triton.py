@@ -179,8 +179,8 @@ if triton is not None:
     def _load_keys(x_ptr, row_offsets, row_ok, tile, d, col_stride, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
         """One tile as sortable keys, with its column indices, masks and NaN/Inf count.
 
-        Only the keys stay live: the kernels get the values back with :func:`_key_values`, so one
-        tile costs one register per value (two for float64), not two.
+        The kernels get the values back from the keys with :func:`_key_values`, so that only the
+        keys need to stay live through the selection (one register per value, two for float64).
         """
         cols = tile * BLOCK + tl.arange(0, BLOCK)
         col_ok = cols < d
@@ -276,7 +276,9 @@ if triton is not None:
             x = _key_values(keys, IS_F64)
             median = (_key_values(lower_key, IS_F64).to(tl.float64) + _key_values(upper_key, IS_F64).to(tl.float64)) / 2
             wide = x.to(tl.float64)
-            distance = tl.where(wide <= median[None, :], median[None, :] - wide, wide - median[None, :])
+            # |x - median| rounds as the CPU kernel's median - x and x - median do; abs also turns
+            # a -0.0 distance (median -0.0, x +0.0) into +0.0, whose bits order correctly.
+            distance = tl.abs(wide - median[None, :])
             # Non-negative doubles order as their bits; masked-off entries get the largest key.
             distance_bits = distance.to(tl.uint64, bitcast=True)
             distance_keys = tl.where(mask, distance_bits, _all_ones_like(distance_bits, 64))

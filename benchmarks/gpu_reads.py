@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

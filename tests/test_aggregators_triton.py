@@ -93,6 +93,15 @@ def test_meamed_keeps_every_strictly_nearer_value() -> None:
 
 
 @pytest.mark.parametrize("name", RULES)
+def test_signed_zeros_are_one_value(name: str) -> None:
+    # Bit keys order -0.0 before +0.0; the rules must not: a median of -0.0 is at distance 0
+    # from +0.0.
+    column = torch.tensor([-0.0, -0.0, -0.0, 0.0, 0.0, 0.0, 0.0, 1.0, -1.0, 2.0, 3.0], dtype=torch.float64)
+    x = torch.stack([column, -column, column.flip(0)], dim=1)
+    assert_same(on_kernels(build(name, 2), x), build(name, 2)(x))
+
+
+@pytest.mark.parametrize("name", RULES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_rows_are_refused_by_name(name: str, bad: float) -> None:
     x = torch.randn(11, 40)
