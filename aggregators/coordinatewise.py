@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from aggregators.base import (
-    DEFAULT_MAX_CHUNK_BYTES,
     AggregationResult,
     check_max_chunk_bytes,
+    chunk_budget,
     check_num_byzantine,
     column_chunks,
     impossible,
@@ -103,16 +103,18 @@ class Mean:
 
     Parameters
     ----------
-    max_chunk_bytes : int
-        Bound on float64 temporaries per column chunk.
+    max_chunk_bytes : int or None
+        Bound on float64 temporaries per column chunk. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = True
 
-    def __init__(self, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, max_chunk_bytes: Optional[int] = None) -> None:
         self.max_chunk_bytes = check_max_chunk_bytes("mean", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         # The NaN/Inf check rides on the distances to the output (a NaN/Inf anywhere in a row makes
         # its distance non-finite), sparing a pass over the stack on valid input.
         validate_updates("mean", updates, check_finite=False)
@@ -120,8 +122,8 @@ class Mean:
         n, d = updates.shape
         coeffs = torch.full((n,), 1.0 / n, dtype=torch.float64, device=updates.device) if w is None else w / w.sum()
         vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
-        weighted_mean_rows(updates, coeffs, vector, self.max_chunk_bytes)
-        sq_distances = sq_distances_to(updates, vector, self.max_chunk_bytes)
+        weighted_mean_rows(updates, coeffs, vector, budget)
+        sq_distances = sq_distances_to(updates, vector, budget)
         if not bool(torch.isfinite(sq_distances).all()):
             validate_updates("mean", updates)  # raises unless the values merely overflow float64
         scores = sq_distances.sqrt()
@@ -148,23 +150,25 @@ class Median:
 
     Parameters
     ----------
-    max_chunk_bytes : int
-        Bound on the sorted copy and temporaries per column chunk.
+    max_chunk_bytes : int or None
+        Bound on the sorted copy and temporaries per column chunk. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = False
 
-    def __init__(self, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, max_chunk_bytes: Optional[int] = None) -> None:
         self.max_chunk_bytes = check_max_chunk_bytes("median", max_chunk_bytes)
 
     @order_stats_triton.falls_back_to_sorting
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         # The numpy and Triton kernels see every value, so they check for NaN/Inf on the way.
         validate_updates("median", updates, check_finite=False)
         n, d = updates.shape
         if uses_numpy(updates):
             vector = torch.empty(d, dtype=updates.dtype)
-            found = order_stats.median(as_numpy(updates), as_numpy(vector), self.max_chunk_bytes)
+            found = order_stats.median(as_numpy(updates), as_numpy(vector), budget)
             if found is None:
                 raise_non_finite("median", updates)
             selected, sq_distances = found
@@ -180,13 +184,13 @@ class Median:
         validate_updates("median", updates)
         vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
-        for cols in column_chunks(n, d, _COORDINATE_BYTES_PER_VALUE, self.max_chunk_bytes):
+        for cols in column_chunks(n, d, _COORDINATE_BYTES_PER_VALUE, budget):
             block = updates[:, cols]
             ordered = sorted_coordinates(block).to(updates.device)
             vector[cols] = _median_of_sorted(ordered).to(updates.dtype)
             lower, upper = ordered[:, (n - 1) // 2], ordered[:, n // 2]
             selected |= ((block == lower) | (block == upper)).any(dim=1)
-        scores = sq_distances_to(updates, vector, self.max_chunk_bytes).sqrt()
+        scores = sq_distances_to(updates, vector, budget).sqrt()
         return AggregationResult(vector, scores, selected)
 
     def sensitivity(self, clip_norm: float, n: int) -> float:
@@ -218,18 +222,20 @@ class TrimmedMean:
     ----------
     num_byzantine : int
         f, values trimmed per side.
-    max_chunk_bytes : int
-        Bound on the sorted copy and temporaries per column chunk.
+    max_chunk_bytes : int or None
+        Bound on the sorted copy and temporaries per column chunk. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = False
 
-    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: Optional[int] = None) -> None:
         self.num_byzantine = check_num_byzantine("trimmed-mean", num_byzantine)
         self.max_chunk_bytes = check_max_chunk_bytes("trimmed-mean", max_chunk_bytes)
 
     @order_stats_triton.falls_back_to_sorting
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("trimmed-mean", updates, check_finite=False)
         n, d = updates.shape
         numpy_kernel, gpu_kernel = uses_numpy(updates), _selects_on_gpu(updates, n)
@@ -247,7 +253,7 @@ class TrimmedMean:
             return AggregationResult(vector, counts.to(torch.float64) / d, counts < d)
         if numpy_kernel:
             vector = torch.empty(d, dtype=updates.dtype)
-            counts = order_stats.trimmed_mean(as_numpy(updates), f, as_numpy(vector), self.max_chunk_bytes)
+            counts = order_stats.trimmed_mean(as_numpy(updates), f, as_numpy(vector), budget)
             if counts is None:
                 raise_non_finite("trimmed-mean", updates)
             counts = torch.from_numpy(counts)
@@ -255,7 +261,7 @@ class TrimmedMean:
         vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
         trimmed = torch.zeros(n, dtype=torch.float64, device=updates.device)
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
-        for cols in column_chunks(n, d, _COORDINATE_BYTES_PER_VALUE, self.max_chunk_bytes):
+        for cols in column_chunks(n, d, _COORDINATE_BYTES_PER_VALUE, budget):
             block = updates[:, cols]
             ordered = sorted_coordinates(block).to(updates.device)
             kept = ordered[:, f : n - f]
@@ -299,18 +305,20 @@ class MeaMed:
     ----------
     num_byzantine : int
         f; each coordinate keeps n - f values.
-    max_chunk_bytes : int
-        Bound on temporaries per column chunk.
+    max_chunk_bytes : int or None
+        Bound on temporaries per column chunk. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = False
 
-    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: Optional[int] = None) -> None:
         self.num_byzantine = check_num_byzantine("meamed", num_byzantine)
         self.max_chunk_bytes = check_max_chunk_bytes("meamed", max_chunk_bytes)
 
     @order_stats_triton.falls_back_to_sorting
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("meamed", updates, check_finite=False)
         if not (uses_numpy(updates) or _selects_on_gpu(updates, updates.shape[0])):
             validate_updates("meamed", updates)  # the others see every value and check
@@ -318,7 +326,7 @@ class MeaMed:
         f = self.num_byzantine
         if n <= 2 * f:
             raise impossible("meamed", n, f, "n > 2f")
-        found = mean_around_median(updates, None, n - f, self.max_chunk_bytes)
+        found = mean_around_median(updates, None, n - f, budget)
         if found is None:
             raise_non_finite("meamed", updates)
         vector, excluded, selected = found

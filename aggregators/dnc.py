@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from aggregators.base import (
-    DEFAULT_MAX_CHUNK_BYTES,
     AggregationResult,
     check_max_chunk_bytes,
+    chunk_budget,
     check_num_byzantine,
     impossible,
     validate_updates,
@@ -46,8 +46,9 @@ class DivideAndConquer:
         c in the paper; rows dropped per iteration = floor(c * f).
     seed : int
         Seed of the coordinate sampler.
-    max_chunk_bytes : int
-        Bound on float64 temporaries of the final mean.
+    max_chunk_bytes : int or None
+        Bound on float64 temporaries of the final mean. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = False
@@ -59,7 +60,7 @@ class DivideAndConquer:
         subsample_dim: int = 10_000,
         filter_fraction: float = 1.0,
         seed: int = 0,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunk_bytes: Optional[int] = None,
     ) -> None:
         self.num_byzantine = check_num_byzantine("dnc", num_byzantine)
         for name, value in (("num_iters", num_iters), ("subsample_dim", subsample_dim)):
@@ -75,6 +76,7 @@ class DivideAndConquer:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("dnc", updates)
         n, d = updates.shape
         f = self.num_byzantine
@@ -102,7 +104,7 @@ class DivideAndConquer:
         selected = kept_count == kept_count.max()
         vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
         coeffs = selected.to(torch.float64)
-        weighted_mean_rows(updates, coeffs / coeffs.sum(), vector, self.max_chunk_bytes)
+        weighted_mean_rows(updates, coeffs / coeffs.sum(), vector, budget)
         return AggregationResult(vector, score_sum / self.num_iters, selected)
 
     def state_dict(self) -> Dict[str, Any]:

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from aggregators.base import (
-    DEFAULT_MAX_CHUNK_BYTES,
     AggregationResult,
     check_max_chunk_bytes,
+    chunk_budget,
     validate_updates,
 )
 from aggregators.geometry import dot_with, sq_norms, weighted_mean_rows
@@ -34,28 +34,31 @@ class FLTrust:
 
     Parameters
     ----------
-    max_chunk_bytes : int
-        Bound on float64 temporaries.
+    max_chunk_bytes : int or None
+        Bound on float64 temporaries. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = False
     needs_trusted_update = True
 
-    def __init__(self, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, max_chunk_bytes: Optional[int] = None) -> None:
         self.max_chunk_bytes = check_max_chunk_bytes("fltrust", max_chunk_bytes)
         self.trusted_update: Optional[Tensor] = None
 
     def set_trusted_update(self, vector: Tensor) -> None:
         """Set this round's trusted update ``g0``, shape ``(d,)``, finite, non-zero."""
+        budget = chunk_budget(self.max_chunk_bytes, vector)
         if not isinstance(vector, Tensor) or vector.dim() != 1 or not vector.is_floating_point():
             raise ValueError("fltrust: trusted update must be a 1-D floating tensor")
         if not bool(torch.isfinite(vector).all()):
             raise ValueError("fltrust: trusted update contains NaN or Inf")
-        if float(sq_norms(vector[None, :], self.max_chunk_bytes)[0]) == 0.0:
+        if float(sq_norms(vector[None, :], budget)[0]) == 0.0:
             raise ValueError("fltrust: trusted update has zero norm")
         self.trusted_update = vector
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("fltrust", updates)
         n, d = updates.shape
         if self.trusted_update is None:
@@ -63,9 +66,9 @@ class FLTrust:
         trusted, self.trusted_update = self.trusted_update, None
         if trusted.shape != (d,):
             raise ValueError(f"fltrust: trusted update has shape {tuple(trusted.shape)}, updates have d={d}")
-        trusted_norm = float(sq_norms(trusted[None, :], self.max_chunk_bytes)[0]) ** 0.5
-        norms = sq_norms(updates, self.max_chunk_bytes).sqrt()
-        dots = dot_with(updates, trusted, self.max_chunk_bytes)
+        trusted_norm = float(sq_norms(trusted[None, :], budget)[0]) ** 0.5
+        norms = sq_norms(updates, budget).sqrt()
+        dots = dot_with(updates, trusted, budget)
         cosine = torch.where(norms > 0, dots / (norms.clamp(min=1e-300) * trusted_norm), torch.zeros_like(norms))
         trust = cosine.clamp(min=0.0, max=1.0)
         selected = trust > 0
@@ -73,5 +76,5 @@ class FLTrust:
         if bool(selected.any()):
             coeffs = trust * trusted_norm / norms.clamp(min=1e-300) / trust.sum()
             coeffs = torch.where(selected, coeffs, torch.zeros_like(coeffs))
-            weighted_mean_rows(updates, coeffs, vector, self.max_chunk_bytes)
+            weighted_mean_rows(updates, coeffs, vector, budget)
         return AggregationResult(vector, 1.0 - trust, selected)

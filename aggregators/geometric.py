@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from aggregators.base import (
-    DEFAULT_MAX_CHUNK_BYTES,
     AggregationResult,
     check_max_chunk_bytes,
+    chunk_budget,
     validate_updates,
     validate_weights,
 )
@@ -57,8 +57,9 @@ class GeometricMedian:
         iterate lands on a row).
     tol : float
         Relative objective improvement below which the iteration stops.
-    max_chunk_bytes : int
-        Bound on float64 temporaries.
+    max_chunk_bytes : int or None
+        Bound on float64 temporaries. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = True
@@ -68,7 +69,7 @@ class GeometricMedian:
         max_iter: int = 100,
         eps: float = 1e-8,
         tol: float = 1e-10,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunk_bytes: Optional[int] = None,
     ) -> None:
         self.max_iter = _positive_int("geometric-median", "max_iter", max_iter)
         self.eps = _positive("geometric-median", "eps", eps)
@@ -78,20 +79,21 @@ class GeometricMedian:
         self.last_iterations = 0
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("geometric-median", updates)
         w = validate_weights("geometric-median", weights, updates)
         n, d = updates.shape
         alpha = torch.full((n,), 1.0 / n, dtype=torch.float64, device=updates.device) if w is None else w / w.sum()
         centre = torch.empty(d, dtype=torch.float64, device=updates.device)
-        weighted_mean_rows(updates, alpha, centre, self.max_chunk_bytes)
-        distances = sq_distances_to(updates, centre, self.max_chunk_bytes).sqrt()
+        weighted_mean_rows(updates, alpha, centre, budget)
+        distances = sq_distances_to(updates, centre, budget).sqrt()
         objective = float((alpha * distances).sum())
         self.last_iterations = 0
         for _ in range(self.max_iter):
             beta = alpha / distances.clamp(min=self.eps)
             candidate = torch.empty_like(centre)
-            weighted_mean_rows(updates, beta / beta.sum(), candidate, self.max_chunk_bytes)
-            new_distances = sq_distances_to(updates, candidate, self.max_chunk_bytes).sqrt()
+            weighted_mean_rows(updates, beta / beta.sum(), candidate, budget)
+            new_distances = sq_distances_to(updates, candidate, budget).sqrt()
             new_objective = float((alpha * new_distances).sum())
             self.last_iterations += 1
             if new_objective > objective:
@@ -105,7 +107,7 @@ class GeometricMedian:
         # and keep it if it is better by more than rounding (on a flat optimum, e.g. an even
         # number of collinear rows, switching on rounding noise would depend on the row order).
         nearest = int(distances.argmin())
-        row_distances = sq_distances_to(updates, updates[nearest], self.max_chunk_bytes).sqrt()
+        row_distances = sq_distances_to(updates, updates[nearest], budget).sqrt()
         if float((alpha * row_distances).sum()) < objective * (1 - 1e-12):
             centre, distances = updates[nearest].to(torch.float64), row_distances
         return AggregationResult(centre.to(updates.dtype), distances, alpha > 0)
@@ -139,19 +141,21 @@ class CenteredClipping:
         Clipping radius around the centre.
     iterations : int
         Clipping iterations per call.
-    max_chunk_bytes : int
-        Bound on float64 temporaries.
+    max_chunk_bytes : int or None
+        Bound on float64 temporaries. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = False
 
-    def __init__(self, tau: float = 1.0, iterations: int = 3, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, tau: float = 1.0, iterations: int = 3, max_chunk_bytes: Optional[int] = None) -> None:
         self.tau = _positive("centered-clipping", "tau", tau)
         self.iterations = _positive_int("centered-clipping", "iterations", iterations)
         self.max_chunk_bytes = check_max_chunk_bytes("centered-clipping", max_chunk_bytes)
         self.center: Optional[Tensor] = None
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("centered-clipping", updates)
         n, d = updates.shape
         if self.center is None or self.center.shape != (d,):
@@ -159,15 +163,15 @@ class CenteredClipping:
         else:
             centre = self.center.to(device=updates.device, dtype=torch.float64)
         for _ in range(self.iterations):
-            distances = sq_distances_to(updates, centre, self.max_chunk_bytes).sqrt()
+            distances = sq_distances_to(updates, centre, budget).sqrt()
             keep = torch.where(distances > self.tau, self.tau / distances.clamp(min=1e-300), torch.ones_like(distances))
             coeffs = keep / n
             # v + sum_i c_i (x_i - v) = (1 - sum c) v + sum_i c_i x_i
             pulled = torch.empty_like(centre)
-            weighted_mean_rows(updates, coeffs, pulled, self.max_chunk_bytes)
+            weighted_mean_rows(updates, coeffs, pulled, budget)
             centre = (1.0 - float(coeffs.sum())) * centre + pulled
         self.center = centre
-        distances = sq_distances_to(updates, centre, self.max_chunk_bytes).sqrt()
+        distances = sq_distances_to(updates, centre, budget).sqrt()
         selected = torch.ones(n, dtype=torch.bool, device=updates.device)
         return AggregationResult(centre.to(updates.dtype), distances, selected)
 

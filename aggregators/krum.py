@@ -15,9 +15,9 @@ from torch import Tensor
 
 from aggregators import order_stats_triton
 from aggregators.base import (
-    DEFAULT_MAX_CHUNK_BYTES,
     AggregationResult,
     check_max_chunk_bytes,
+    chunk_budget,
     check_num_byzantine,
     impossible,
     raise_non_finite,
@@ -106,22 +106,24 @@ class Krum:
     ----------
     num_byzantine : int
         f.
-    max_chunk_bytes : int
-        Bound on float64 temporaries when computing distances.
+    max_chunk_bytes : int or None
+        Bound on float64 temporaries when computing distances. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = False
 
-    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: Optional[int] = None) -> None:
         self.num_byzantine = check_num_byzantine("krum", num_byzantine)
         self.max_chunk_bytes = check_max_chunk_bytes("krum", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("krum", updates, check_finite=False)
         n, _ = updates.shape
         f = self.num_byzantine
         _check_krum("krum", n, f)
-        sq_dist = validated_distances("krum", updates, self.max_chunk_bytes)
+        sq_dist = validated_distances("krum", updates, budget)
         scores = krum_scores(sq_dist, n - f - 2)
         best = int(rank_by_krum(scores, sq_dist, n - f - 2)[0])
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
@@ -153,8 +155,9 @@ class MultiKrum:
         f.
     num_selected : int, optional
         m; default n - f.
-    max_chunk_bytes : int
-        Bound on float64 temporaries.
+    max_chunk_bytes : int or None
+        Bound on float64 temporaries. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = True
@@ -163,7 +166,7 @@ class MultiKrum:
         self,
         num_byzantine: int = 0,
         num_selected: Optional[int] = None,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunk_bytes: Optional[int] = None,
     ) -> None:
         self.num_byzantine = check_num_byzantine("multi-krum", num_byzantine)
         if num_selected is not None and (int(num_selected) != num_selected or num_selected < 1):
@@ -172,6 +175,7 @@ class MultiKrum:
         self.max_chunk_bytes = check_max_chunk_bytes("multi-krum", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("multi-krum", updates, check_finite=False)
         w = validate_weights("multi-krum", weights, updates)
         n, d = updates.shape
@@ -180,7 +184,7 @@ class MultiKrum:
         m = n - f if self.num_selected is None else self.num_selected
         if m > n:
             raise ValueError(f"multi-krum: num_selected={m} exceeds n={n} (f={f})")
-        sq_dist = validated_distances("multi-krum", updates, self.max_chunk_bytes)
+        sq_dist = validated_distances("multi-krum", updates, budget)
         scores = krum_scores(sq_dist, n - f - 2)
         chosen = rank_by_krum(scores, sq_dist, n - f - 2)[:m]
         selected = torch.zeros(n, dtype=torch.bool, device=updates.device)
@@ -189,7 +193,7 @@ class MultiKrum:
         if float(coeffs.sum()) <= 0.0:  # every selected row has weight zero: fall back to uniform
             coeffs = selected.to(torch.float64)
         vector = torch.empty(d, dtype=updates.dtype, device=updates.device)
-        weighted_mean_rows(updates, coeffs / coeffs.sum(), vector, self.max_chunk_bytes)
+        weighted_mean_rows(updates, coeffs / coeffs.sum(), vector, budget)
         return AggregationResult(vector, scores, selected)
 
     def sensitivity(self, clip_norm: float, n: int) -> float:
@@ -222,25 +226,27 @@ class Bulyan:
     ----------
     num_byzantine : int
         f.
-    max_chunk_bytes : int
-        Bound on temporaries.
+    max_chunk_bytes : int or None
+        Bound on temporaries. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = False
 
-    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: Optional[int] = None) -> None:
         self.num_byzantine = check_num_byzantine("bulyan", num_byzantine)
         self.max_chunk_bytes = check_max_chunk_bytes("bulyan", max_chunk_bytes)
 
     @order_stats_triton.falls_back_to_sorting
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("bulyan", updates, check_finite=False)
         n, d = updates.shape
         f = self.num_byzantine
         if n < 4 * f + 3:
             raise impossible("bulyan", n, f, "n >= 4f + 3")
         theta, beta = n - 2 * f, n - 4 * f
-        sq_dist = validated_distances("bulyan", updates, self.max_chunk_bytes)
+        sq_dist = validated_distances("bulyan", updates, budget)
         remaining = list(range(n))
         chosen: list[int] = []
         for _ in range(theta):  # a loop over rows, not coordinates
@@ -249,7 +255,7 @@ class Bulyan:
             scores = krum_scores(sub, neighbours)
             chosen.append(remaining.pop(int(rank_by_krum(scores, sub, neighbours)[0])))
         index = torch.tensor(chosen, device=updates.device)
-        found = mean_around_median(updates, index, beta, self.max_chunk_bytes)
+        found = mean_around_median(updates, index, beta, budget)
         if found is None:  # cannot happen: the distances above were finite
             raise_non_finite("bulyan", updates)
         vector, excluded, kept = found

@@ -21,9 +21,9 @@ import torch
 from torch import Tensor
 
 from aggregators.base import (
-    DEFAULT_MAX_CHUNK_BYTES,
     AggregationResult,
     check_max_chunk_bytes,
+    chunk_budget,
     check_num_byzantine,
     impossible,
     validate_updates,
@@ -35,7 +35,7 @@ from aggregators.registry import register_pre
 PreStep = Callable[[Tensor, Optional[Tensor]], Tuple[Tensor, Tensor]]
 
 
-def mix_rows(updates: Tensor, mixing: Tensor, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> Tensor:
+def mix_rows(updates: Tensor, mixing: Tensor, max_chunk_bytes: Optional[int] = None) -> Tensor:
     """``mixing @ updates`` accumulated in float64 per column chunk, returned in the input dtype."""
     out = torch.empty((mixing.shape[0], updates.shape[1]), dtype=updates.dtype, device=updates.device)
     return mix_rows_into(updates, mixing, out, max_chunk_bytes)
@@ -121,27 +121,29 @@ class NearestNeighborMixing:
     ----------
     num_byzantine : int
         f.
-    max_chunk_bytes : int
-        Bound on float64 temporaries.
+    max_chunk_bytes : int or None
+        Bound on float64 temporaries. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
-    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, num_byzantine: int = 0, max_chunk_bytes: Optional[int] = None) -> None:
         self.num_byzantine = check_num_byzantine("nnm", num_byzantine)
         self.max_chunk_bytes = check_max_chunk_bytes("nnm", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("nnm", updates)
         n = updates.shape[0]
         f = self.num_byzantine
         if n <= f:
             raise impossible("nnm", n, f, "n > f")
-        sq_dist = pairwise_sq_distances(updates, self.max_chunk_bytes)
+        sq_dist = pairwise_sq_distances(updates, budget)
         # A row is its own nearest neighbour (distance 0) even when another row ties at 0.
         sq_dist.fill_diagonal_(-1.0)
         neighbours = torch.topk(sq_dist, n - f, dim=1, largest=False).indices
         mixing = torch.zeros((n, n), dtype=torch.float64, device=updates.device)
         mixing.scatter_(1, neighbours, 1.0 / (n - f))
-        return mix_rows(updates, mixing, self.max_chunk_bytes), mixing
+        return mix_rows(updates, mixing, budget), mixing
 
 
 @register_pre("bucketing")
@@ -158,11 +160,12 @@ class Bucketing:
         Rows per bucket (the last bucket may be smaller).
     seed : int
         Seed of the shuffling generator.
-    max_chunk_bytes : int
-        Bound on float64 temporaries.
+    max_chunk_bytes : int or None
+        Bound on float64 temporaries. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
-    def __init__(self, size: int = 2, seed: int = 0, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, size: int = 2, seed: int = 0, max_chunk_bytes: Optional[int] = None) -> None:
         if isinstance(size, bool) or int(size) != size or size < 1:
             raise ValueError(f"bucketing: size must be a positive integer, got {size!r}")
         self.size = int(size)
@@ -171,6 +174,7 @@ class Bucketing:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("bucketing", updates)
         n = updates.shape[0]
         order = torch.randperm(n, generator=self.generator).to(updates.device)
@@ -178,7 +182,7 @@ class Bucketing:
         mixing = torch.zeros((m, n), dtype=torch.float64, device=updates.device)
         for bucket, members in enumerate(torch.split(order, self.size)):
             mixing[bucket, members] = 1.0 / members.numel()
-        return mix_rows(updates, mixing, self.max_chunk_bytes), mixing
+        return mix_rows(updates, mixing, budget), mixing
 
     def transform_sensitivity(self, clip_norm: float, n: int) -> Tuple[float, int]:
         """The shuffle does not depend on the data, so a replaced row changes exactly one bucket

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from aggregators.base import (
-    DEFAULT_MAX_CHUNK_BYTES,
     AggregationResult,
     check_max_chunk_bytes,
+    chunk_budget,
     column_chunks,
     validate_updates,
 )
@@ -34,25 +34,27 @@ class SignMajority:
     ----------
     scale : float or None
         Magnitude of the output coordinates.
-    max_chunk_bytes : int
-        Bound on temporaries per column chunk.
+    max_chunk_bytes : int or None
+        Bound on temporaries per column chunk. None: 8 MiB on CPU, 256 MiB on
+        other devices (:func:`aggregators.base.chunk_budget`).
     """
 
     uses_weights = False
 
-    def __init__(self, scale: Optional[float] = None, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES) -> None:
+    def __init__(self, scale: Optional[float] = None, max_chunk_bytes: Optional[int] = None) -> None:
         if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
             raise ValueError(f"signsgd-majority: scale must be a positive number or None, got {scale!r}")
         self.scale = None if scale is None else float(scale)
         self.max_chunk_bytes = check_max_chunk_bytes("signsgd-majority", max_chunk_bytes)
 
     def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+        budget = chunk_budget(self.max_chunk_bytes, updates)
         validate_updates("signsgd-majority", updates)
         n, d = updates.shape
         vote = torch.empty(d, dtype=updates.dtype, device=updates.device)
         disagreements = torch.zeros(n, dtype=torch.float64, device=updates.device)
         abs_sum = torch.zeros(n, dtype=torch.float64, device=updates.device)
-        for cols in column_chunks(n, d, 12, self.max_chunk_bytes):
+        for cols in column_chunks(n, d, 12, budget):
             signs = torch.sign(updates[:, cols])
             # Sums of n values in {-1, 0, 1} are exact in the input float dtype for n < 2^24.
             majority = torch.sign(signs.sum(dim=0))

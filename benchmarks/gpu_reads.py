@@ -14,8 +14,9 @@ would use.
 Targets (issue 8, an H100 at n=100, d=11.2M): Krum, median and trimmed mean at most 10 reads,
 Bulyan at most 40. Each rule's output on the first ``--check-columns`` columns is compared with
 the CPU (numpy) kernel's: the column "max |diff| vs CPU". Each rule is timed at every
-``--chunk-bytes`` value: the default ``max_chunk_bytes`` is sized for CPU caches, and the torch
-paths (Krum's Gram matrix, distances) launch a few kernels per chunk of columns.
+``--chunk-bytes`` value: by default the CPU default ``max_chunk_bytes`` (8 MiB, sized for caches)
+and the CUDA default (256 MiB, since the torch paths for Krum's Gram matrix, distances and
+weighted sums launch a few kernels per chunk of columns).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import aggregators  # noqa: E402
 from aggregators import order_stats_triton  # noqa: E402
-from aggregators.base import DEFAULT_MAX_CHUNK_BYTES  # noqa: E402
+from aggregators.base import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CHUNK_BYTES_GPU  # noqa: E402
 
 TARGET_READS = {"krum": 10, "median": 10, "trimmed-mean": 10, "bulyan": 40}
 
@@ -116,9 +117,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--check-columns", type=int, default=200_000)
     parser.add_argument(
         "--chunk-bytes",
-        default=f"{DEFAULT_MAX_CHUNK_BYTES},{256 << 20}",
-        help="comma list of max_chunk_bytes to time each rule with (the default suits CPU caches; the torch paths "
-        "on CUDA launch a few kernels per chunk)",
+        default=f"{DEFAULT_MAX_CHUNK_BYTES},{DEFAULT_MAX_CHUNK_BYTES_GPU}",
+        help="comma list of max_chunk_bytes to time each rule with (the CPU default, and the CUDA default that "
+        "aggregators.base.chunk_budget picks: the torch paths launch a few kernels per chunk)",
     )
     parser.add_argument("--sweep", action="store_true", help="also time the selection kernels' launch settings")
     parser.add_argument("--smoke", action="store_true", help="allow a CPU run (with TRITON_INTERPRET=1 for --sweep)")

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import aggregators
+from aggregators.base import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CHUNK_BYTES_GPU, chunk_budget
 from aggregators.blocks import portable_kernels, run_ranges, split_range
 from aggregators.geometry import SKETCH_COLUMNS, pairwise_sq_distances
 
@@ -238,3 +239,16 @@ def test_scratch_memory_stays_within_max_chunk_bytes(name: str) -> None:
         finally:
             tracemalloc.stop()
     assert peak <= chunk + 4 * 8 * d + (1 << 20), f"{name}: {peak / 2**20:.1f} MiB of numpy scratch"
+
+
+@pytest.mark.parametrize("name", RULES + ["geometric-median", "centered-clipping", "dnc", "signsgd-majority"])
+def test_the_default_chunk_bound_follows_the_device(name: str) -> None:
+    # CPU: cache-sized blocks; other devices: large chunks, since the torch paths pay a few kernel
+    # launches per chunk. An explicit bound holds everywhere.
+    cpu, meta = torch.empty(3, 4), torch.empty(3, 4, device="meta")
+    params = {"num_byzantine": 1} if name in ("trimmed-mean", "meamed", "krum", "multi-krum", "bulyan", "dnc") else {}
+    rule = aggregators.build(name, **params)
+    assert chunk_budget(rule.max_chunk_bytes, cpu) == DEFAULT_MAX_CHUNK_BYTES
+    assert chunk_budget(rule.max_chunk_bytes, meta) == DEFAULT_MAX_CHUNK_BYTES_GPU > DEFAULT_MAX_CHUNK_BYTES
+    explicit = aggregators.build(name, max_chunk_bytes=4096, **params)
+    assert chunk_budget(explicit.max_chunk_bytes, meta) == chunk_budget(explicit.max_chunk_bytes, cpu) == 4096
