@@ -20,9 +20,10 @@ reads of the stack and ``torch.median`` 41 (issue 8). These kernels select inste
 Each program walks tiles with a stride of the grid size, so the per-program partials stay small
 (``programs x m``) whatever d is.
 
-Triton is optional (without it the rules sort on CUDA, see :func:`supports`). With ``TRITON_INTERPRET=1`` set
-before this module is imported the kernels run in Triton's interpreter on CPU tensors, which is how
-the test suite checks them on machines without a GPU.
+Triton is optional: without it, or after a kernel failed to compile or launch, the rules sort on
+CUDA (:func:`supports`, :func:`falls_back_to_sorting`). With ``TRITON_INTERPRET=1`` set before this
+module is imported the kernels run in Triton's interpreter on CPU tensors, which is how the test
+suite checks them on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -158,21 +159,23 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _two_kth_keys(keys, k_low, k_high, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    def _two_kth_keys(keys, k_low, k_high, BITS: tl.constexpr, BLOCK: tl.constexpr, ONLY_LOW: tl.constexpr):
         """Per column of ``keys`` (rows x BLOCK), the ``k_low``-th and ``k_high``-th smallest key
         (0-based): the largest t with at most k keys below t, built from the top bit down. The two
-        searches share the loop so their counting steps interleave."""
+        searches share the loop so their counting steps interleave; ``ONLY_LOW`` skips the second
+        (``high`` is then returned as zeros)."""
         low = tl.zeros([BLOCK], keys.dtype)
         high = tl.zeros([BLOCK], keys.dtype)
         one = tl.full([BLOCK], 1, keys.dtype)
         for step in range(BITS):  # a loop, not unrolled: the body is already long
             bit = one << (BITS - 1 - step)
             try_low = low | bit
-            try_high = high | bit
             below_low = tl.sum((keys < try_low[None, :]).to(tl.int32), axis=0)
-            below_high = tl.sum((keys < try_high[None, :]).to(tl.int32), axis=0)
             low = tl.where(below_low <= k_low, try_low, low)
-            high = tl.where(below_high <= k_high, try_high, high)
+            if not ONLY_LOW:
+                try_high = high | bit
+                below_high = tl.sum((keys < try_high[None, :]).to(tl.int32), axis=0)
+                high = tl.where(below_high <= k_high, try_high, high)
         return low, high
 
     @triton.jit
@@ -226,7 +229,7 @@ if triton is not None:
         while tile < tiles:
             keys, cols, col_ok, mask, non_finite = _load_keys(x_ptr, row_offsets, row_ok, tile, d, col_stride, IS_F64, BLOCK)
             bad += non_finite
-            low_key, high_key = _two_kth_keys(keys, k_low, k_high, BITS, BLOCK)
+            low_key, high_key = _two_kth_keys(keys, k_low, k_high, BITS, BLOCK, False)
             x = _key_values(keys, IS_F64)
             low = _key_values(low_key, IS_F64)
             high = _key_values(high_key, IS_F64)
@@ -272,7 +275,7 @@ if triton is not None:
         while tile < tiles:
             keys, cols, col_ok, mask, non_finite = _load_keys(x_ptr, row_offsets, row_ok, tile, d, col_stride, IS_F64, BLOCK)
             bad += non_finite
-            lower_key, upper_key = _two_kth_keys(keys, (m - 1) // 2, m // 2, BITS, BLOCK)
+            lower_key, upper_key = _two_kth_keys(keys, (m - 1) // 2, m // 2, BITS, BLOCK, False)
             x = _key_values(keys, IS_F64)
             median = (_key_values(lower_key, IS_F64).to(tl.float64) + _key_values(upper_key, IS_F64).to(tl.float64)) / 2
             wide = x.to(tl.float64)
@@ -282,7 +285,7 @@ if triton is not None:
             # Non-negative doubles order as their bits; masked-off entries get the largest key.
             distance_bits = distance.to(tl.uint64, bitcast=True)
             distance_keys = tl.where(mask, distance_bits, _all_ones_like(distance_bits, 64))
-            reach_key, _ = _two_kth_keys(distance_keys, keep - 1, keep - 1, 64, BLOCK)
+            reach_key, _ = _two_kth_keys(distance_keys, keep - 1, keep - 1, 64, BLOCK, True)
             reach = reach_key.to(tl.float64, bitcast=True)[None, :]
             nearer = mask & (distance < reach)
             at_reach = mask & (distance == reach)
