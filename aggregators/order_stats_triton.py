@@ -133,7 +133,9 @@ if triton is not None:
     @triton.jit
     def _sortable_keys(x, mask, IS_F64: tl.constexpr):
         """Unsigned keys that order as the floats do (negatives' bits inverted, positives' sign
-        bit set); masked-off entries get the largest key, so they never count as below."""
+        bit set). Masked-off entries get the largest key, so they never count as below, and read
+        back as NaN (:func:`_key_values`), which every later comparison treats as absent: no mask
+        needs to stay live."""
         if IS_F64:
             bits = x.to(tl.uint64, bitcast=True)
             ones = _all_ones_like(bits, 64)
@@ -179,12 +181,23 @@ if triton is not None:
         return low, high
 
     @triton.jit
-    def _load_keys(x_ptr, row_offsets, row_ok, tile, d, col_stride, IS_F64: tl.constexpr, BLOCK: tl.constexpr):
-        """One tile as sortable keys, with its column indices, masks and NaN/Inf count.
+    def _load_keys(
+        x_ptr, rows_ptr, m, stride, col_stride, tile, d,
+        HAS_ROWS: tl.constexpr, IS_F64: tl.constexpr, M_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One tile as sortable keys, with its column indices and mask and its NaN/Inf count.
 
-        The kernels get the values back from the keys with :func:`_key_values`, so that only the
-        keys need to stay live through the selection (one register per value, two for float64).
+        The kernels get the values back from the keys with :func:`_key_values`, and the row
+        indices, offsets and masks are rebuilt per tile, so that only the keys need to stay live
+        through the selection (one register per value, two for float64): every thread holds a
+        whole column, and anything per row would cost it a register per row.
         """
+        r = tl.arange(0, M_PAD)
+        row_ok = r < m
+        if HAS_ROWS:
+            source = tl.load(rows_ptr + r, mask=row_ok, other=0).to(tl.int64)
+        else:
+            source = r.to(tl.int64)
         cols = tile * BLOCK + tl.arange(0, BLOCK)
         col_ok = cols < d
         mask = row_ok[:, None] & col_ok[None, :]
@@ -192,19 +205,16 @@ if triton is not None:
         # prove the columns contiguous and does not vectorise the load across columns: one column
         # per thread keeps every coordinate's values in one thread, and the counting steps reduce
         # in registers instead of across lanes. (The loads stay coalesced across the warp.)
-        x = tl.load(x_ptr + row_offsets[:, None] + cols[None, :] * col_stride, mask=mask, other=0.0)
+        x = tl.load(x_ptr + source[:, None] * stride + cols[None, :] * col_stride, mask=mask, other=0.0)
         non_finite = mask & ((x != x) | (tl.abs(x) == float("inf")))
-        return _sortable_keys(x, mask, IS_F64), cols, col_ok, mask, tl.sum(non_finite.to(tl.int32), axis=0)
+        return _sortable_keys(x, mask, IS_F64), cols, col_ok, tl.sum(tl.sum(non_finite.to(tl.int32), axis=1), axis=0)
 
     @triton.jit
-    def _row_offsets(rows_ptr, m, stride, HAS_ROWS: tl.constexpr, M_PAD: tl.constexpr):
-        r = tl.arange(0, M_PAD)
-        row_ok = r < m
-        if HAS_ROWS:
-            source = tl.load(rows_ptr + r, mask=row_ok, other=0).to(tl.int64)
-        else:
-            source = r.to(tl.int64)
-        return r, row_ok, source * stride
+    def _add_per_row(partials_ptr, pid, values, M_PAD: tl.constexpr):
+        """Add a tile's per-row values to this program's row of partials (each program owns its
+        row, so no atomics; nothing per row is held across tiles)."""
+        slot = partials_ptr + pid * M_PAD + tl.arange(0, M_PAD)
+        tl.store(slot, tl.load(slot) + values)
 
     # Integer arguments equal to 1 would otherwise be compiled in as constants (one kernel per
     # value), and arithmetic on them would then be Python's.
@@ -219,42 +229,39 @@ if triton is not None:
         per row, the columns where it fell outside them and (``WITH_SQ``) its squared distance
         to the output as stored."""
         pid = tl.program_id(0)
-        r, row_ok, row_offsets = _row_offsets(rows_ptr, m, stride, HAS_ROWS, M_PAD)
-        outside_count = tl.zeros([M_PAD], tl.int32)
-        sq_sum = tl.zeros([M_PAD], tl.float64)
-        bad = tl.zeros([BLOCK], tl.int32)
+        bad = 0
         kept = (k_high - k_low + 1).to(tl.float64)
         # A while loop, not range(): Triton's interpreter cannot index with tensor bounds.
         tile = pid
         while tile < tiles:
-            keys, cols, col_ok, mask, non_finite = _load_keys(x_ptr, row_offsets, row_ok, tile, d, col_stride, IS_F64, BLOCK)
+            keys, cols, col_ok, non_finite = _load_keys(
+                x_ptr, rows_ptr, m, stride, col_stride, tile, d, HAS_ROWS, IS_F64, M_PAD, BLOCK
+            )
             bad += non_finite
             low_key, high_key = _two_kth_keys(keys, k_low, k_high, BITS, BLOCK, False)
             x = _key_values(keys, IS_F64)
             low = _key_values(low_key, IS_F64)
             high = _key_values(high_key, IS_F64)
             wide = x.to(tl.float64)
-            inside = mask & (x > low[None, :]) & (x < high[None, :])
+            # Padding reads back as NaN: false in every comparison below.
+            inside = (x > low[None, :]) & (x < high[None, :])
             total = tl.sum(tl.where(inside, wide, 0.0), axis=0)
             # Ties: the kept ranks hold (#values <= low) - k_low copies of low and
             # k_high + 1 - (#values < high) copies of high.
-            up_to_low = tl.sum((mask & (x <= low[None, :])).to(tl.int32), axis=0)
-            below_high = tl.sum((mask & (x < high[None, :])).to(tl.int32), axis=0)
+            up_to_low = tl.sum((x <= low[None, :]).to(tl.int32), axis=0)
+            below_high = tl.sum((x < high[None, :]).to(tl.int32), axis=0)
             total += (up_to_low - k_low).to(tl.float64) * low.to(tl.float64)
             total += (k_high + 1 - below_high).to(tl.float64) * high.to(tl.float64)
             total = tl.where(low == high, kept * low.to(tl.float64), total)
             out = (total / kept).to(x.dtype)
             tl.store(vector_ptr + cols, out, mask=col_ok)
-            outside = mask & ((x < low[None, :]) | (x > high[None, :]))
-            outside_count += tl.sum(outside.to(tl.int32), axis=1)
+            outside = (x < low[None, :]) | (x > high[None, :])
+            _add_per_row(outside_ptr, pid, tl.sum(outside.to(tl.int32), axis=1), M_PAD)
             if WITH_SQ:
-                diff = tl.where(mask, wide - out.to(tl.float64)[None, :], 0.0)
-                sq_sum += tl.sum(diff * diff, axis=1)
+                diff = tl.where(x == x, wide - out.to(tl.float64)[None, :], 0.0)
+                _add_per_row(sq_ptr, pid, tl.sum(diff * diff, axis=1), M_PAD)
             tile += programs
-        tl.store(outside_ptr + pid * M_PAD + r, outside_count)
-        if WITH_SQ:
-            tl.store(sq_ptr + pid * M_PAD + r, sq_sum)
-        tl.store(bad_ptr + pid, tl.sum(bad, axis=0))
+        tl.store(bad_ptr + pid, bad)
 
     @triton.jit(do_not_specialize=["m", "keep", "col_stride"])
     def _closest_mean_kernel(
@@ -267,13 +274,13 @@ if triton is not None:
         boundary distance: the values nearest the median on each side, below first); per row,
         the columns where it was not kept."""
         pid = tl.program_id(0)
-        r, row_ok, row_offsets = _row_offsets(rows_ptr, m, stride, HAS_ROWS, M_PAD)
-        outside_count = tl.zeros([M_PAD], tl.int32)
-        bad = tl.zeros([BLOCK], tl.int32)
+        bad = 0
         # A while loop, not range(): Triton's interpreter cannot index with tensor bounds.
         tile = pid
         while tile < tiles:
-            keys, cols, col_ok, mask, non_finite = _load_keys(x_ptr, row_offsets, row_ok, tile, d, col_stride, IS_F64, BLOCK)
+            keys, cols, col_ok, non_finite = _load_keys(
+                x_ptr, rows_ptr, m, stride, col_stride, tile, d, HAS_ROWS, IS_F64, M_PAD, BLOCK
+            )
             bad += non_finite
             lower_key, upper_key = _two_kth_keys(keys, (m - 1) // 2, m // 2, BITS, BLOCK, False)
             x = _key_values(keys, IS_F64)
@@ -282,13 +289,13 @@ if triton is not None:
             # |x - median| rounds as the CPU kernel's median - x and x - median do; abs also turns
             # a -0.0 distance (median -0.0, x +0.0) into +0.0, whose bits order correctly.
             distance = tl.abs(wide - median[None, :])
-            # Non-negative doubles order as their bits; masked-off entries get the largest key.
+            # Non-negative doubles order as their bits; padding (NaN) gets the largest key.
             distance_bits = distance.to(tl.uint64, bitcast=True)
-            distance_keys = tl.where(mask, distance_bits, _all_ones_like(distance_bits, 64))
+            distance_keys = tl.where(distance == distance, distance_bits, _all_ones_like(distance_bits, 64))
             reach_key, _ = _two_kth_keys(distance_keys, keep - 1, keep - 1, 64, BLOCK, True)
             reach = reach_key.to(tl.float64, bitcast=True)[None, :]
-            nearer = mask & (distance < reach)
-            at_reach = mask & (distance == reach)
+            nearer = distance < reach  # padding's NaN distance is neither
+            at_reach = distance == reach
             tie_below = at_reach & (wide <= median[None, :])
             tie_above = at_reach & (wide > median[None, :])
             count_nearer = tl.sum(nearer.to(tl.int32), axis=0)
@@ -308,11 +315,10 @@ if triton is not None:
             nearest_high = tl.max(tl.where(nearer, wide, -float("inf")), axis=0)
             window_low = tl.where(take_below > 0, below_value, tl.where(count_nearer > 0, nearest_low, above_value))
             window_high = tl.where(take_above > 0, above_value, tl.where(count_nearer > 0, nearest_high, below_value))
-            outside = mask & ((wide < window_low[None, :]) | (wide > window_high[None, :]))
-            outside_count += tl.sum(outside.to(tl.int32), axis=1)
+            outside = (wide < window_low[None, :]) | (wide > window_high[None, :])
+            _add_per_row(outside_ptr, pid, tl.sum(outside.to(tl.int32), axis=1), M_PAD)
             tile += programs
-        tl.store(outside_ptr + pid * M_PAD + r, outside_count)
-        tl.store(bad_ptr + pid, tl.sum(bad, axis=0))
+        tl.store(bad_ptr + pid, bad)
 
 
 def _launch(kernel, programs: int, *args, **meta) -> None:
@@ -361,8 +367,8 @@ def kept_mean(
     """
     m, d = updates.shape
     tiles, programs, m_pad = _launch_shape(updates, m, block or BLOCK_D)
-    outside = torch.empty((programs, m_pad), dtype=torch.int32, device=updates.device)
-    sq = torch.empty((programs, m_pad), dtype=torch.float64, device=updates.device) if with_sq_distances else outside
+    outside = torch.zeros((programs, m_pad), dtype=torch.int32, device=updates.device)
+    sq = torch.zeros((programs, m_pad), dtype=torch.float64, device=updates.device) if with_sq_distances else outside
     bad = torch.empty(programs, dtype=torch.int32, device=updates.device)
     is_f64 = updates.dtype == torch.float64
     _launch(
@@ -392,7 +398,7 @@ def closest_mean(
     d = updates.shape[1]
     m = updates.shape[0] if rows is None else int(rows.numel())
     tiles, programs, m_pad = _launch_shape(updates, m, block or BLOCK_D)
-    outside = torch.empty((programs, m_pad), dtype=torch.int32, device=updates.device)
+    outside = torch.zeros((programs, m_pad), dtype=torch.int32, device=updates.device)
     bad = torch.empty(programs, dtype=torch.int32, device=updates.device)
     is_f64 = updates.dtype == torch.float64
     _launch(
