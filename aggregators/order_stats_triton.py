@@ -48,10 +48,12 @@ except ImportError:  # pragma: no cover - exercised where triton is missing
 #: registers, and beyond this they would spill. Larger stacks use the sorting path.
 MAX_ROWS = 256
 
-#: Columns per tile and warps per program (``benchmarks/gpu_reads.py --sweep`` times others;
-#: not yet tuned on a GPU).
+#: Columns per tile and warps per program. Not yet timed on a GPU (``benchmarks/gpu_reads.py
+#: --sweep`` does); chosen from ``benchmarks/triton_resources.py`` (Triton 3.9, sm_90, 128 padded
+#: rows): 8 warps split each column over two threads and spill least, 1.7 KB per thread against
+#: 2.3-2.8 KB for the one-thread-per-column settings.
 BLOCK_D = 128
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 _on_cpu = False
 _failure: Optional[str] = None
@@ -152,13 +154,15 @@ if triton is not None:
     @triton.jit
     def _key_values(keys, IS_F64: tl.constexpr):
         """Inverse of :func:`_sortable_keys`, elementwise."""
+        # One return after both branches: the compiler would also build the code after a return
+        # inside a constexpr if (and fail on the float32 bitcast of 64-bit keys).
         if IS_F64:
             top = tl.full(keys.shape, 1, tl.uint64) << 63
-            bits = tl.where((keys >> 63) == 1, keys ^ top, keys ^ _all_ones_like(keys, 64))
-            return bits.to(tl.float64, bitcast=True)
-        top = tl.full(keys.shape, 1, tl.uint32) << 31
-        bits = tl.where((keys >> 31) == 1, keys ^ top, keys ^ _all_ones_like(keys, 32))
-        return bits.to(tl.float32, bitcast=True)
+            values = tl.where((keys >> 63) == 1, keys ^ top, keys ^ _all_ones_like(keys, 64)).to(tl.float64, bitcast=True)
+        else:
+            top = tl.full(keys.shape, 1, tl.uint32) << 31
+            values = tl.where((keys >> 31) == 1, keys ^ top, keys ^ _all_ones_like(keys, 32)).to(tl.float32, bitcast=True)
+        return values
 
     @triton.jit
     def _two_kth_keys(keys, k_low, k_high, BITS: tl.constexpr, BLOCK: tl.constexpr, ONLY_LOW: tl.constexpr):

@@ -5,6 +5,9 @@
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR      # writes OUT_DIR/pytest.log, gpu.md, gpu_reads.log
 #
+# Without a GPU, `python benchmarks/triton_resources.py` at least compiles the kernels for sm_90
+# and reports registers and spills.
+#
 # Needs python3 with torch (CUDA), triton, numpy, threadpoolctl, pytest and hypothesis; Flower is
 # not needed (the aggregator tests and benchmarks/gpu_reads.py do not import it). Copy gpu.md to
 # docs/gpu.md when the numbers are to be kept.
