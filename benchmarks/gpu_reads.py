@@ -6,8 +6,9 @@ Usage (on a machine with CUDA; Flower need not be installed)::
     python benchmarks/gpu_reads.py --sweep --out /tmp/gpu.md    # also the kernels' launch settings
 
 One read is the fastest ``torch.sum(stack, dim=0, out=...)``: it streams the stack once, so a rule
-that takes 10 reads costs ten passes over GPU memory. Every time is the minimum over ``--repeats``
-calls after a warm-up (which compiles the Triton kernels), taken with CUDA events. For scale the
+that takes 10 reads costs ten passes over GPU memory. Every time is the minimum wall time of a
+call and a synchronise, after a warm-up (which compiles the Triton kernels), over at least
+``--repeats`` calls (``time_call`` of benchmarks/aggregation.py). For scale the
 table also times ``torch.median(dim=0)`` and ``torch.sort(dim=0)``, the kernels a sort-based rule
 would use.
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
@@ -37,31 +37,15 @@ if str(REPO_ROOT) not in sys.path:
 import aggregators  # noqa: E402
 from aggregators import order_stats_triton  # noqa: E402
 from aggregators.base import DEFAULT_MAX_CHUNK_BYTES, DEFAULT_MAX_CHUNK_BYTES_GPU  # noqa: E402
+from benchmarks.aggregation import time_call  # noqa: E402
 
 TARGET_READS = {"krum": 10, "median": 10, "trimmed-mean": 10, "bulyan": 40}
 
 
 def cuda_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Minimum seconds of ``fn()`` over ``repeats`` calls after one warm-up, by CUDA events
-    (wall clock on CPU, for a smoke run of this script)."""
-    fn()
-    if not torch.cuda.is_available():
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return best
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        best = min(best, start.elapsed_time(stop) / 1000)
-    return best
+    """Minimum wall seconds of ``fn()`` (synchronised) by benchmarks/aggregation.py's policy."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return time_call(fn, repeats, device)[0]
 
 
 def make_stack(n: int, d: int, f: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -168,8 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"- Device: {where}; torch {torch.__version__}, triton {triton.__version__}, "
         f"Python {platform.python_version()}",
         f"- Input: float32 (n={n}, d={d:,}), f={f}; {gib:.2f} GiB; one read (`torch.sum(dim=0)`) {read_s * 1e3:.3f} ms",
-        "- Seconds: minimum of CUDA-event times over "
-        f"{args.repeats} calls after a warm-up; reads = seconds / one read.",
+        f"- Seconds: minimum wall time (synchronised) over >= {args.repeats} calls after a warm-up; "
+        "reads = seconds / one read.",
         f"- max |diff| vs CPU: on the first {min(d, args.check_columns):,} columns, against the numpy kernels.",
         "",
         "| rule | implementation | max_chunk_bytes (MiB) | seconds | reads | max abs diff vs CPU | target |",

@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from aggregators import order_stats_triton as kernels  # noqa: E402
+from aggregators import order_stats_kernels as kernels  # noqa: E402
 
 _COMMON = {"m": "i32", "d": "i32", "stride": "i32", "col_stride": "i32", "tiles": "i32", "programs": "i32"}
 
@@ -48,7 +48,7 @@ def signature(kernel: str, f64: bool) -> dict:
 def resources(kernel: str, arch: int, f64: bool, m_pad: int, block: int, warps: int, variant: bool = True) -> str:
     """Compile one kernel; ``variant`` is ``WITH_SQ`` (median) for kept_mean and ``HAS_ROWS``
     (Bulyan's row subset) for closest_mean."""
-    fn = kernels._kept_mean_kernel if kernel == "kept_mean" else kernels._closest_mean_kernel
+    fn = kernels.kept_mean_kernel if kernel == "kept_mean" else kernels.closest_mean_kernel
     constants = {"IS_F64": f64, "BITS": 64 if f64 else 32, "M_PAD": m_pad, "BLOCK": block}
     if kernel == "kept_mean":
         constants |= {"HAS_ROWS": False, "WITH_SQ": variant}

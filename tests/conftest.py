@@ -11,7 +11,8 @@ import pytest
 import torch
 
 # Without a GPU the Triton kernels run in Triton's interpreter (tests/test_aggregators_triton.py);
-# it must be chosen before any kernel is defined, so before aggregators is imported.
+# it must be chosen before the kernels are defined (aggregators.order_stats_kernels, imported on
+# the first launch).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
