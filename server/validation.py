@@ -9,6 +9,7 @@ a hostile client can set to anything.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,13 +92,9 @@ class ReplyValidator:
         if not isinstance(metrics, MetricRecord):
             return f"'metrics' is a {type(metrics).__name__}, not a MetricRecord"
 
-        provenance = content.get("provenance")
-        if provenance is not None:
-            if not isinstance(provenance, ConfigRecord) or not all(
-                isinstance(v, str) and len(v) <= 4096 for v in provenance.values()
-            ):
-                return "'provenance' must be a ConfigRecord of short strings"
-            provenance = dict(provenance)
+        provenance, reason = _check_provenance(content.get("provenance"))
+        if reason:
+            return reason
 
         reason = self._check_keys(arrays)
         if reason:
@@ -110,14 +107,11 @@ class ReplyValidator:
         if norm > self.max_update_norm:
             return f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g}"
 
-        metric_values = dict(metrics)
-        reason = _check_metrics(metric_values)
+        metric_values, reason = check_metrics(metrics)
         if reason:
             return reason
-        num_examples, reason = self._num_examples(metric_values)
-        if reason:
-            return reason
-        return ValidReply(node_id, update, num_examples, metric_values, provenance or {})
+        num_examples = min(int(metric_values["num-examples"]), self.max_num_examples)
+        return ValidReply(node_id, update, num_examples, metric_values, provenance)
 
     def _check_keys(self, arrays: ArrayRecord) -> str | None:
         keys = set(arrays.keys())
@@ -149,18 +143,131 @@ class ReplyValidator:
             parts.append(np.asarray(data, dtype=np.float32).reshape(-1))
         return torch.from_numpy(np.concatenate(parts)), None
 
-    def _num_examples(self, metrics: dict) -> tuple[int, str | None]:
-        value = metrics.get("num-examples")
-        if value is None:
-            return 0, "metrics: 'num-examples' missing"
-        if isinstance(value, list) or float(value) != int(value) or int(value) < 1:
-            return 0, f"metrics: 'num-examples' must be a positive integer, got {value!r}"
-        return min(int(value), self.max_num_examples), None
 
 
-def _check_metrics(metrics: dict) -> str | None:
-    for key, value in metrics.items():
-        values = value if isinstance(value, list) else [value]
-        if not all(math.isfinite(float(v)) for v in values):
-            return f"metrics: {key!r} is not finite"
+# --------------------------------------------------------------------------- client metrics and text
+
+#: Most metric keys a reply may carry; client text is bounded so it cannot bloat the audit log.
+MAX_METRIC_KEYS = 64
+#: Most numbers a reply's list-valued metrics may hold together.
+MAX_METRIC_LIST_VALUES = 1024
+#: Most provenance entries, characters per provenance value, and bytes of all provenance text.
+MAX_PROVENANCE_KEYS = 16
+MAX_PROVENANCE_VALUE = 1024
+MAX_PROVENANCE_BYTES = 4096
+#: What a metric or provenance key may look like: short, printable, no spaces.
+_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/+-]{0,63}")
+_INT64 = 2**63
+
+#: Metrics Phalanx itself reads, with the kind and lower bound they must have. Integer-valued
+#: floats (5.0) are accepted for integer metrics and stored as int.
+KNOWN_METRICS: dict[str, tuple[type, float | None]] = {
+    "num-examples": (int, 1),
+    "partition-id": (int, 0),
+    "train-loss": (float, None),
+    "train_loss": (float, None),
+    "audit-seconds": (float, 0),
+}
+#: Every other ``audit-*`` metric is a count.
+AUDIT_COUNT_PREFIX = "audit-"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+
+
+def _number(key: str, value: object) -> tuple[int | float | None, str | None]:
+    """A finite Python int or float, or why the value is not one."""
+    if not _is_number(value):
+        return None, f"metrics: {key!r} must be a number, got {type(value).__name__}"
+    if isinstance(value, (int, np.integer)):
+        if not -_INT64 <= int(value) < _INT64:
+            return None, f"metrics: {key!r} is outside the 64-bit integer range"
+        return int(value), None
+    number = float(value)
+    if not math.isfinite(number):
+        return None, f"metrics: {key!r} is not finite"
+    return number, None
+
+
+def _known_metric(key: str) -> tuple[type, float | None] | None:
+    if key in KNOWN_METRICS:
+        return KNOWN_METRICS[key]
+    if key.startswith(AUDIT_COUNT_PREFIX):
+        return int, 0
     return None
+
+
+def check_metrics(metrics: MetricRecord) -> tuple[dict[str, int | float | list[float]], str | None]:
+    """Type- and range-check a reply's metrics; return them as plain Python values, or a reason.
+
+    Every value is a finite number or a list of them (lists hold at most
+    :data:`MAX_METRIC_LIST_VALUES` numbers in all); keys are short printable names, at most
+    :data:`MAX_METRIC_KEYS` of them. The metrics Phalanx reads (:data:`KNOWN_METRICS`, and the
+    ``audit-*`` counts) must be scalars of their kind and range, and ``num-examples`` must be
+    present. Nothing downstream casts client data: it reads what this returns.
+    """
+    if len(metrics) > MAX_METRIC_KEYS:
+        return {}, f"metrics: {len(metrics)} keys, at most {MAX_METRIC_KEYS} are accepted"
+    clean: dict[str, int | float | list[float]] = {}
+    list_values = 0
+    for key, value in metrics.items():
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            return {}, f"metrics: key {str(key)[:80]!r} is not a short printable name"
+        if isinstance(value, (list, tuple)):
+            list_values += len(value)
+            if list_values > MAX_METRIC_LIST_VALUES:
+                return {}, f"metrics: more than {MAX_METRIC_LIST_VALUES} values in list metrics"
+            numbers = []
+            for item in value:
+                number, reason = _number(key, item)
+                if reason:
+                    return {}, reason
+                numbers.append(float(number))
+            clean[key] = numbers
+            continue
+        number, reason = _number(key, value)
+        if reason:
+            return {}, reason
+        clean[key] = number
+    if "num-examples" not in clean:
+        return {}, "metrics: 'num-examples' missing"
+    for key, value in clean.items():
+        known = _known_metric(key)
+        if known is None:
+            continue
+        kind, low = known
+        if kind is int:
+            if isinstance(value, list) or float(value) != int(value) or (low is not None and value < low):
+                bound = "a positive integer" if low == 1 else "a non-negative integer"
+                return {}, f"metrics: {key!r} must be {bound}, got {value!r}"
+            clean[key] = int(value)
+        else:
+            if isinstance(value, list) or (low is not None and value < low):
+                return {}, f"metrics: {key!r} must be a number >= {low}" if low is not None else f"metrics: {key!r} must be a number"
+            clean[key] = float(value)
+    return clean, None
+
+
+def _check_provenance(provenance: object) -> tuple[dict[str, str], str | None]:
+    """The reply's ``provenance`` ConfigRecord as a bounded dict of strings, or a reason."""
+    if provenance is None:
+        return {}, None
+    if not isinstance(provenance, ConfigRecord):
+        return {}, f"'provenance' must be a ConfigRecord, got a {type(provenance).__name__}"
+    if len(provenance) > MAX_PROVENANCE_KEYS:
+        return {}, f"'provenance' must be at most {MAX_PROVENANCE_KEYS} entries, got {len(provenance)}"
+    clean: dict[str, str] = {}
+    total = 0
+    for key, value in provenance.items():
+        if not isinstance(key, str) or not _KEY.fullmatch(key):
+            return {}, f"'provenance' must be keyed by short printable names, got {str(key)[:80]!r}"
+        if not isinstance(value, str):
+            return {}, f"'provenance' must be strings: {key!r} is a {type(value).__name__}"
+        if len(value) > MAX_PROVENANCE_VALUE:
+            return {}, f"'provenance' must be short strings: {key!r} has {len(value)} characters (limit {MAX_PROVENANCE_VALUE})"
+        total += len(key.encode()) + len(value.encode())
+        if total > MAX_PROVENANCE_BYTES:
+            return {}, f"'provenance' must be at most {MAX_PROVENANCE_BYTES} bytes in all"
+        clean[key] = value
+    return clean, None

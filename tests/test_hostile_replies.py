@@ -158,6 +158,20 @@ CASES = {
     "num-examples tiny negative": (with_metrics(ATTACKER, {"num-examples": -1e-9}), "positive integer"),
     "train-loss NaN": (with_metrics(ATTACKER, {"num-examples": 5, "train-loss": math.nan}), "'train-loss' is not finite"),
     "metric list with inf": (with_metrics(ATTACKER, {"num-examples": 5, "hist": [1.0, math.inf]}), "'hist' is not finite"),
+    # every client value the server reads is type- and range-checked here, never cast later
+    "train-loss list": (with_metrics(ATTACKER, {"num-examples": 5, "train-loss": [0.1, 0.2]}), "'train-loss' must be a number"),
+    "audit count list": (with_metrics(ATTACKER, {"num-examples": 5, "audit-checked": [1, 2]}), "'audit-checked' must be a non-negative integer"),
+    "audit count negative": (with_metrics(ATTACKER, {"num-examples": 5, "audit-flagged": -3}), "'audit-flagged' must be a non-negative integer"),
+    "audit count fractional": (with_metrics(ATTACKER, {"num-examples": 5, "audit-dropped": 0.5}), "'audit-dropped' must be a non-negative integer"),
+    "partition-id list": (with_metrics(ATTACKER, {"num-examples": 5, "partition-id": [0, 1]}), "'partition-id' must be a non-negative integer"),
+    "partition-id negative": (with_metrics(ATTACKER, {"num-examples": 5, "partition-id": -1}), "'partition-id' must be a non-negative integer"),
+    "too many metric keys": (with_metrics(ATTACKER, {"num-examples": 5} | {f"m{i}": 1.0 for i in range(80)}), "at most 64"),
+    "long metric list": (with_metrics(ATTACKER, {"num-examples": 5, "hist": [1.0] * 2000}), "more than 1024 values"),
+    "metric key with spaces": (with_metrics(ATTACKER, {"num-examples": 5, "a b": 1.0}), "not a short printable name"),
+    "metric key too long": (with_metrics(ATTACKER, {"num-examples": 5, "k" * 200: 1.0}), "not a short printable name"),
+    "provenance too many keys": (RecordDict({**honest_content(ATTACKER), "provenance": ConfigRecord({f"k{i}": "v" for i in range(5000)})}), "'provenance' must be"),
+    "provenance too many bytes": (RecordDict({**honest_content(ATTACKER), "provenance": ConfigRecord({f"k{i}": "v" * 1000 for i in range(8)})}), "'provenance' must be"),
+    "provenance key not printable": (RecordDict({**honest_content(ATTACKER), "provenance": ConfigRecord({"a\nb": "v"})}), "'provenance' must be"),
 }
 
 
@@ -169,6 +183,18 @@ def test_a_bad_reply_is_rejected_with_its_reason_and_the_round_goes_on(case):
     assert reason in record["rejected"][str(ATTACKER)]
     assert record["accepted"] == HONEST
     assert_same_arrays(arrays, honest_only())
+
+
+def test_accepted_metrics_reach_the_server_as_plain_numbers():
+    """Downstream code reads the validator's values: ints where Phalanx counts, floats elsewhere."""
+    content = with_metrics(ATTACKER, {"num-examples": 5.0, "train-loss": 1, "audit-checked": 7.0, "hist": [1.0, 2.5],
+                                      "partition-id": 3})
+    _, record = run_round([content])
+    assert record["accepted"] == sorted(HONEST + [ATTACKER])
+    report = record["client_reports"][str(ATTACKER)]
+    assert report["audit-checked"] == 7 and type(report["audit-checked"]) is int
+    assert report["partition-id"] == 3 and type(report["partition-id"]) is int
+    assert report["hist"] == [1.0, 2.5]
 
 
 def test_a_reply_from_a_node_that_was_not_sampled_is_rejected():
