@@ -1,13 +1,26 @@
-"""Datasets and federated partitioning.
+"""Built-in datasets, held in memory, and their federated partitions.
 
-Every dataset is returned as float32 features ``x`` of shape (N, F) and int64 labels ``y`` of
-shape (N,). The offline default is scikit-learn's bundled ``digits`` (8x8 images scaled to
-[0, 1], 10 classes), which needs no download. ``synthetic`` is generated from the seed.
-``hf:<name>`` loads a Hugging Face dataset through flwr-datasets for users who are online.
+Every dataset is an :class:`ArrayDataset`: features ``x`` of shape (N, *sample_shape) and int64
+labels ``y`` of shape (N,), plus what Phalanx knows of them (classes, image shape, valid range).
+It is a ``torch.utils.data.Dataset`` of ``(x, y)`` samples, so a task can hand it to anything
+that takes a dataset. The built-in names (run-config ``dataset``):
 
-The server keeps a held-out test split (``server_test_split``) that no client trains on; the
-rest is divided among the clients by ``partition`` (IID for ``alpha == 0``, else a
-Dirichlet(alpha) label skew).
+``digits``
+    scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), pixels scaled to [0, 1]: the
+    offline default. Flat (N, 64) rows with ``image_shape = (1, 8, 8)``; :meth:`ArrayDataset.as_images`
+    gives (N, 1, 8, 8) for convolutional models.
+``synthetic``
+    Gaussian class clusters in 32 dimensions, generated from a fixed seed (no image shape).
+``images``
+    A generated CIFAR-10-shaped dataset (3 x 32 x 32, 10 classes, 3,000 images; see
+    :mod:`client.generated_images`), learnable, offline.
+``hf:<hub name>``
+    An image dataset from the Hugging Face hub through flwr-datasets (online users; see
+    :mod:`client.hf`).
+
+The server keeps a held-out test split (:func:`server_test_split`, a fixed 20%) that no client
+trains on; the rest (:func:`client_pool`) is divided among the clients by the run's
+partitioner (:mod:`client.partition`, flwr-datasets' partitioners).
 """
 
 from __future__ import annotations
@@ -18,27 +31,31 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import torch
+from torch.utils.data import Dataset as TorchDataset
 
 #: Seed of the train/test split: fixed so that runs with different seeds share one test set.
 TEST_SPLIT_SEED = 12345
 TEST_FRACTION = 0.2
+#: Names :func:`load_dataset` accepts besides ``hf:<hub name>``.
+BUILTIN_DATASETS = ("digits", "synthetic", "images")
 
 
-@dataclass(frozen=True)
-class Dataset:
+@dataclass(frozen=True, eq=False)
+class ArrayDataset(TorchDataset):
     """A labelled dataset held in memory.
 
     Attributes
     ----------
     x : np.ndarray
-        Features, (N, F) float32.
+        Features, (N, *sample_shape), float32 for the built-in datasets.
     y : np.ndarray
         Labels, (N,) int64 in ``[0, num_classes)``.
     num_classes : int
         Number of classes.
-    image_shape : tuple[int, int] | None
-        Shape of one sample as an image, when the features are pixels (used by triggers and
-        audits), else None.
+    image_shape : tuple[int, int, int] | None
+        ``(C, H, W)`` when every sample is an image (either ``sample_shape`` itself or flat with
+        ``C * H * W`` features), else None. Used by backdoor triggers and the data audit.
     feature_range : tuple[float, float] | None
         The valid range of every feature, when the dataset has one.
     """
@@ -46,16 +63,36 @@ class Dataset:
     x: np.ndarray
     y: np.ndarray
     num_classes: int
-    image_shape: tuple[int, int] | None = None
+    image_shape: tuple[int, ...] | None = None
     feature_range: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.x.ndim < 1 or self.y.ndim != 1 or len(self.x) != len(self.y):
+            raise ValueError(f"ArrayDataset: x must be (N, ...) and y (N,), got {self.x.shape} and {self.y.shape}")
+        if self.image_shape is not None:
+            shape = tuple(int(s) for s in self.image_shape)
+            if len(shape) == 2:  # (H, W): one channel
+                shape = (1, *shape)
+            if len(shape) != 3 or int(np.prod(shape)) != self.num_features:
+                raise ValueError(f"ArrayDataset: image_shape {self.image_shape} does not match samples of shape "
+                                 f"{self.sample_shape}")
+            object.__setattr__(self, "image_shape", shape)
 
     def __len__(self) -> int:
         return len(self.y)
 
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(np.asarray(self.x[index])), int(self.y[index])
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample."""
+        return tuple(int(s) for s in self.x.shape[1:])
+
     @property
     def num_features(self) -> int:
-        """Number of features per sample."""
-        return int(self.x.shape[1])
+        """Number of features per sample (all dimensions of a sample together)."""
+        return int(np.prod(self.sample_shape, dtype=np.int64))
 
     def digest(self) -> str:
         """SHA-256 of the features and labels: which data an update was trained on."""
@@ -65,73 +102,73 @@ class Dataset:
             h.update(np.ascontiguousarray(array).tobytes())
         return h.hexdigest()
 
-    def subset(self, indices: np.ndarray) -> Dataset:
-        """Return the rows at ``indices`` as a new dataset with the same metadata."""
-        return Dataset(self.x[indices], self.y[indices], self.num_classes, self.image_shape, self.feature_range)
+    def subset(self, indices: np.ndarray) -> ArrayDataset:
+        """The rows at ``indices`` as a new dataset with the same metadata."""
+        return self.with_arrays(self.x[indices], self.y[indices])
+
+    def with_arrays(self, x: np.ndarray, y: np.ndarray) -> ArrayDataset:
+        """The same metadata over other samples (a poisoned or audited copy)."""
+        return ArrayDataset(x, y, self.num_classes, self.image_shape, self.feature_range)
+
+    def flat(self) -> ArrayDataset:
+        """Samples as flat (N, F) rows (what a multi-layer perceptron takes)."""
+        return self.with_arrays(self.x.reshape(len(self.x), -1), self.y)
+
+    def as_images(self) -> ArrayDataset:
+        """Samples as (N, C, H, W) images; ValueError when the dataset has no image shape."""
+        if self.image_shape is None:
+            raise ValueError(f"the samples (shape {self.sample_shape}) are not images: the dataset has no image_shape")
+        return self.with_arrays(self.x.reshape(len(self.x), *self.image_shape), self.y)
 
 
-def _digits() -> Dataset:
+#: The name earlier versions used; kept for code that imports it.
+Dataset = ArrayDataset
+
+
+def _digits() -> ArrayDataset:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = (bunch.data / 16.0).astype(np.float32)
-    return Dataset(x, bunch.target.astype(np.int64), 10, (8, 8), (0.0, 1.0))
+    return ArrayDataset(x, bunch.target.astype(np.int64), 10, (1, 8, 8), (0.0, 1.0))
 
 
-def _synthetic(num_samples: int = 3000, num_features: int = 32, num_classes: int = 10) -> Dataset:
+def _synthetic(num_samples: int = 3000, num_features: int = 32, num_classes: int = 10) -> ArrayDataset:
     # A fixed generator: the dataset is part of the problem, not of the run's randomness.
     rng = np.random.default_rng(2024)
     centres = rng.normal(0.0, 1.0, size=(num_classes, num_features))
     y = rng.integers(0, num_classes, size=num_samples)
     x = centres[y] + rng.normal(0.0, 1.0, size=(num_samples, num_features))
-    return Dataset(x.astype(np.float32), y.astype(np.int64), num_classes)
+    return ArrayDataset(x.astype(np.float32), y.astype(np.int64), num_classes)
 
 
-def _huggingface(name: str) -> Dataset:
-    """Load a whole Hugging Face dataset (needs the hub: online users only)."""
-    try:
-        from datasets import load_dataset
-    except ImportError as exc:  # pragma: no cover - depends on the optional extra
-        raise ValueError(
-            f"dataset 'hf:{name}' needs the optional extra: pip install 'phalanx[hf]'"
-        ) from exc
-    table = load_dataset(name, split="train").with_format("numpy")
-    columns = table.column_names
-    label_col = next((c for c in ("label", "labels", "fine_label", "target") if c in columns), None)
-    image_col = next((c for c in ("image", "img", "pixels") if c in columns), None)
-    if label_col is None or image_col is None:
-        raise ValueError(f"dataset 'hf:{name}': need an image and a label column, found {columns}")
-    images = np.stack([np.asarray(img, dtype=np.float32) for img in table[image_col]])
-    if images.ndim == 4:  # colour: average the channels, keep it a small model's problem
-        images = images.mean(axis=-1)
-    scale = 255.0 if images.max() > 1.0 else 1.0
-    y = np.asarray(table[label_col], dtype=np.int64)
-    shape = tuple(images.shape[1:3])
-    x = (images.reshape(len(images), -1) / scale).astype(np.float32)
-    return Dataset(x, y, int(y.max()) + 1, shape, (0.0, 1.0))  # type: ignore[arg-type]
+def _images() -> ArrayDataset:
+    from client.generated_images import NUM_CLASSES, generate_images
+
+    x, y = generate_images()
+    return ArrayDataset(x, y, NUM_CLASSES, tuple(x.shape[1:]), (0.0, 1.0))
+
+
+def _check_name(name: str) -> None:
+    if name in BUILTIN_DATASETS or (name.startswith("hf:") and len(name) > 3):
+        return
+    raise ValueError(f"unknown dataset {name!r}: use one of {BUILTIN_DATASETS} or 'hf:<hub name>'")
 
 
 @lru_cache(maxsize=4)
-def load_dataset(name: str) -> Dataset:
-    """Load a whole dataset by its run-config name.
-
-    Parameters
-    ----------
-    name : str
-        ``digits``, ``synthetic`` or ``hf:<hub name>``.
+def load_dataset(name: str) -> ArrayDataset:
+    """Load a whole built-in dataset by its run-config name (``digits``, ``synthetic``, ``images``).
 
     Raises
     ------
     ValueError
-        For an unknown name.
+        For an unknown name, and for ``hf:`` names: hub datasets come with their own splits
+        (:func:`server_test_split`, :func:`load_partition`).
     """
-    if name == "digits":
-        return _digits()
-    if name == "synthetic":
-        return _synthetic()
-    if name.startswith("hf:") and len(name) > 3:
-        return _huggingface(name[3:])
-    raise ValueError(f"unknown dataset {name!r}: use 'digits', 'synthetic' or 'hf:<hub name>'")
+    _check_name(name)
+    if name.startswith("hf:"):
+        raise ValueError(f"dataset {name!r} is loaded split by split (server_test_split, load_partition)")
+    return {"digits": _digits, "synthetic": _synthetic, "images": _images}[name]()
 
 
 def _split_indices(num_samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,105 +177,76 @@ def _split_indices(num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[num_test:]), np.sort(order[:num_test])
 
 
-def server_test_split(name: str) -> Dataset:
+def server_test_split(name: str) -> ArrayDataset:
     """The held-out split the server evaluates on; no client ever trains on it."""
+    _check_name(name)
+    if name.startswith("hf:"):
+        from client.hf import hub_test_split
+
+        return hub_test_split(name[3:])
     data = load_dataset(name)
     return data.subset(_split_indices(len(data))[1])
 
 
-def client_pool(name: str) -> Dataset:
+def client_pool(name: str) -> ArrayDataset:
     """Every sample the clients share among them (the complement of the server's test split)."""
     data = load_dataset(name)
     return data.subset(_split_indices(len(data))[0])
 
 
-def partition(
-    labels: np.ndarray,
-    num_partitions: int,
-    alpha: float,
-    seed: int,
-    min_size: int = 10,
-    max_tries: int = 100,
-) -> list[np.ndarray]:
-    """Split sample indices among ``num_partitions`` clients.
+def partition(labels: np.ndarray, num_partitions: int, alpha: float, seed: int) -> list[np.ndarray]:
+    """Sample indices per client with the ``auto`` partitioner (IID for alpha 0, else Dirichlet).
 
-    Parameters
-    ----------
-    labels : np.ndarray
-        (N,) integer labels.
-    num_partitions : int
-        Number of clients.
-    alpha : float
-        Dirichlet concentration of each class's split over clients; ``0`` means IID (a uniform
-        random split into near-equal parts). Small alpha gives strongly skewed label mixes.
-    seed : int
-        Seed of the split: the same seed gives the same partitions.
-    min_size : int
-        Smallest partition accepted; a Dirichlet draw with a smaller part is redrawn.
-    max_tries : int
-        Draws tried before giving up.
-
-    Returns
-    -------
-    list[np.ndarray]
-        One sorted index array per client; together they cover every sample exactly once.
-
-    Raises
-    ------
-    ValueError
-        For impossible arguments, or when no draw gives every client ``min_size`` samples.
+    Shorthand for :func:`client.partition.partition_indices`.
     """
-    num_samples = len(labels)
-    if num_partitions < 1:
-        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
-    if alpha < 0:
-        raise ValueError(f"alpha must be >= 0 (0 = IID), got {alpha}")
-    min_size = min(min_size, num_samples // num_partitions)
-    if min_size < 1:
-        raise ValueError(f"{num_samples} samples cannot be split among {num_partitions} clients")
-    rng = np.random.default_rng(seed)
-    if alpha == 0:
-        return [np.sort(part) for part in np.array_split(rng.permutation(num_samples), num_partitions)]
-    classes = np.unique(labels)
-    for _ in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_partitions)]
-        for cls in classes:
-            members = rng.permutation(np.flatnonzero(labels == cls))
-            shares = rng.dirichlet(np.full(num_partitions, alpha))
-            cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
-            for client, chunk in enumerate(np.split(members, cuts)):
-                parts[client].append(chunk)
-        merged = [np.sort(np.concatenate(p)) for p in parts]
-        if min(len(p) for p in merged) >= min_size:
-            return merged
-    raise ValueError(
-        f"no Dirichlet(alpha={alpha}) split gave all {num_partitions} clients >= {min_size} samples "
-        f"in {max_tries} draws; raise alpha or lower num-clients"
-    )
+    from client.partition import partition_indices
+
+    return partition_indices(labels, num_partitions, partitioner="auto", alpha=alpha, seed=seed)
 
 
 @lru_cache(maxsize=64)
-def load_partition(name: str, partition_id: int, num_partitions: int, alpha: float, seed: int) -> Dataset:
+def load_partition(
+    name: str,
+    partition_id: int,
+    num_partitions: int,
+    alpha: float = 0.0,
+    seed: int = 0,
+    partitioner: str = "auto",
+    classes_per_partition: int = 2,
+) -> ArrayDataset:
     """The training data of one client.
 
     Parameters
     ----------
     name : str
-        Dataset name (see ``load_dataset``).
+        Dataset name (see :func:`load_dataset`, or ``hf:<hub name>``).
     partition_id : int
         This client's index in ``[0, num_partitions)``.
     num_partitions : int
         Number of clients the pool is split among.
     alpha : float
-        Dirichlet concentration (0 = IID).
+        Dirichlet concentration (0 = IID with the ``auto`` partitioner).
     seed : int
         Seed of the split.
+    partitioner : str
+        See :func:`client.partition.partition_indices`.
+    classes_per_partition : int
+        Classes or shards per client for the pathological and shard partitioners.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id {partition_id} is outside [0, {num_partitions})")
+    _check_name(name)
+    if name.startswith("hf:"):
+        from client.hf import hub_partition
+
+        return hub_partition(name[3:], partition_id, num_partitions, partitioner=partitioner, alpha=alpha, seed=seed,
+                             classes_per_partition=classes_per_partition)
+    from client.partition import partition_indices
+
     pool = client_pool(name)
-    indices = partition(pool.y, num_partitions, alpha, seed)[partition_id]
-    return pool.subset(indices)
+    parts = partition_indices(pool.y, num_partitions, partitioner=partitioner, alpha=alpha, seed=seed,
+                              classes_per_partition=classes_per_partition)
+    return pool.subset(parts[partition_id])
 
 
 def export_partitions(

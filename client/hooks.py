@@ -10,10 +10,13 @@ and an update transform (``poison_update``, after training). A deployed client r
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from types import ModuleType
 from typing import Any
+
+import torch
 
 #: Module that provides ``build``, ``parse_params`` and ``malicious_partitions``.
 ATTACK_PLUGIN = "simulations.attacks"
@@ -33,6 +36,7 @@ class AttackRole:
 
     attack: Any
     malicious: bool
+    attacker_index: int | None = None
 
     @property
     def transforms_data(self) -> bool:
@@ -51,6 +55,34 @@ class AttackRole:
         return self.malicious and not honest_client and not getattr(self.attack, "omniscient", False)
 
 
+@dataclass(frozen=True)
+class AttackContext:
+    """What an attacking client knows in a round, passed to its hooks as ``context``.
+
+    Attributes
+    ----------
+    server_round : int
+    partition_id : int
+    attacker_index : int | None
+        Position of this partition among the sorted malicious partitions; None when honest.
+    num_attackers : int
+    global_vector : torch.Tensor
+        Flat floating-point state of the model this client received (``client.wire.flat_vector``).
+    previous_global : torch.Tensor | None
+        The same for the previous round this client trained in (None the first time).
+    run_config : Mapping
+        The run config (dash-case keys).
+    """
+
+    server_round: int
+    partition_id: int
+    attacker_index: int | None
+    num_attackers: int
+    global_vector: torch.Tensor
+    previous_global: torch.Tensor | None
+    run_config: Mapping[str, Any]
+
+
 @lru_cache(maxsize=8)
 def attack_plugin(module_name: str = ATTACK_PLUGIN) -> ModuleType:
     """Import the attack plugin module by name."""
@@ -65,5 +97,6 @@ def attack_role(
         return None
     plugin = attack_plugin()
     built = plugin.build(attack, **plugin.parse_params(attack_params))
-    malicious = partition_id in set(plugin.malicious_partitions(num_clients, num_malicious, seed))
-    return AttackRole(built, malicious)
+    attackers = sorted(int(p) for p in plugin.malicious_partitions(num_clients, num_malicious, seed))
+    malicious = partition_id in attackers
+    return AttackRole(built, malicious, attackers.index(partition_id) if malicious else None)

@@ -13,10 +13,11 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
 
 import aggregators
-from server.params import ParamSpec, arrays_to_vector, vector_to_arrays
+from server.metrics import MetricsAggregationFn, aggregate_client_metrics, validated_metric_records
+from server.params import ParamSpec, arrays_to_vector, lower_median, other_entries, vector_to_arrays
 from server.privacy import (
     AdaptiveClipper,
     PrivacyAccountant,
@@ -27,7 +28,7 @@ from server.privacy import (
 from server.reputation import Reputation
 from server.scoring import score_updates
 from server.settings import DP_MODES
-from server.validation import ReplyValidator, ValidReply
+from server.validation import ReplyValidator, ValidReply, check_metrics
 
 #: ``interceptor(server_round, updates, node_ids, metrics, aggregator) -> updates``: a
 #: pre-aggregation hook that may replace rows of the (n, d) stack. Simulations use it for
@@ -89,8 +90,13 @@ class RobustStrategy(Strategy):
         Extra constructor parameters of the rule.
     fraction_train : float
         Share of connected clients sampled each round.
+    fraction_evaluate : float
+        Share of connected clients sampled for federated evaluation after each round (0: none;
+        Flower's default, 1.0, asks every client).
     min_train_nodes : int
         Fewest clients sampled a round.
+    min_evaluate_nodes : int
+        Fewest clients sampled for federated evaluation (when ``fraction_evaluate > 0``).
     min_available_nodes : int
         Clients that must be connected before a round starts.
     min_replies : int
@@ -112,6 +118,14 @@ class RobustStrategy(Strategy):
         Where updates are stacked and aggregated; CUDA when present by default.
     interceptor : Interceptor | None
         Simulation-only hook over the update stack (see ``Interceptor``).
+    train_metrics_aggr_fn, evaluate_metrics_aggr_fn : callable, optional
+        ``fn(records: list[RecordDict], weighting_metric_name: str) -> MetricRecord``, as in
+        Flower's FedAvg. The records hold each accepted reply's *validated* metrics. Default:
+        the ``num-examples``-weighted mean of every metric (``audit-*`` counts summed,
+        ``partition-id`` left out; see :mod:`server.metrics`).
+    model_dtypes : Mapping[str, torch.dtype] | None
+        The model's own dtype per state entry (``client.wire.dtypes_of(model)``): bfloat16
+        entries travel as float32 and the aggregate is rounded back to bfloat16.
     """
 
     def __init__(
@@ -122,7 +136,9 @@ class RobustStrategy(Strategy):
         pre_aggregation: Iterable[str] = (),
         aggregator_params: dict | None = None,
         fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
+        min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
         min_replies: int = 1,
         max_update_norm: float = math.inf,
@@ -133,13 +149,24 @@ class RobustStrategy(Strategy):
         seed: int = 0,
         device: str | torch.device | None = None,
         interceptor: Interceptor | None = None,
+        train_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        evaluate_metrics_aggr_fn: MetricsAggregationFn | None = None,
+        model_dtypes: dict | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
+        if not 0.0 <= fraction_evaluate <= 1.0:
+            raise ValueError(f"fraction_evaluate must be in [0, 1], got {fraction_evaluate}")
         if min_replies < 1:
             raise ValueError(f"min_replies must be >= 1, got {min_replies}")
         if num_byzantine < 0:
             raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}")
+        # Checked now, not when the first replies arrive: nothing may train under settings that
+        # would then be refused.
+        if not (isinstance(max_update_norm, (int, float)) and max_update_norm > 0):
+            raise ValueError(f"max_update_norm must be > 0 (math.inf for no bound), got {max_update_norm}")
+        if isinstance(max_num_examples, bool) or not isinstance(max_num_examples, int) or max_num_examples < 1:
+            raise ValueError(f"max_num_examples must be an integer >= 1, got {max_num_examples}")
         self.aggregator_name = aggregator
         self.num_byzantine = num_byzantine
         self.pre_aggregation = [p for p in pre_aggregation if p]
@@ -147,7 +174,12 @@ class RobustStrategy(Strategy):
             aggregator, num_byzantine=num_byzantine, pre=self.pre_aggregation or None, **(aggregator_params or {})
         )
         self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
         self.min_train_nodes = min_train_nodes
+        self.min_evaluate_nodes = 0 if fraction_evaluate == 0 else min_evaluate_nodes
+        self.train_metrics_aggr_fn = train_metrics_aggr_fn or aggregate_client_metrics
+        self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn or aggregate_client_metrics
+        self.model_dtypes = dict(model_dtypes or {})
         self.min_available_nodes = min_available_nodes
         self.min_replies = min_replies
         self.max_update_norm = max_update_norm
@@ -173,9 +205,12 @@ class RobustStrategy(Strategy):
                                                         num_clients=max(min_available_nodes, min_train_nodes))
         self.history: list[dict] = []
         self.last_record: dict | None = None
+        self.last_evaluate_record: dict | None = None
         self._spec: ParamSpec | None = None
         self._global: torch.Tensor | None = None
+        self._global_others: dict = {}
         self._sampled: set[int] = set()
+        self._evaluate_sampled: set[int] = set()
         self._num_nodes = 0
 
     # ------------------------------------------------------------------ Flower API
@@ -185,6 +220,8 @@ class RobustStrategy(Strategy):
             self.num_byzantine, ",".join(self.pre_aggregation) or "none")
         log(INFO, "\t├── Sampling: fraction %.2f, min %d nodes, min %d valid replies", self.fraction_train,
             self.min_train_nodes, self.min_replies)
+        log(INFO, "\t├── Federated evaluation: fraction %.2f, min %d nodes", self.fraction_evaluate,
+            self.min_evaluate_nodes)
         log(INFO, "\t├── Reply bounds: update norm <= %s, num-examples capped at %d", self.max_update_norm,
             self.max_num_examples)
         log(INFO, "\t├── Reputation policy: %s (flag threshold %.2f)", self.reputation.policy, self.reputation.threshold)
@@ -209,24 +246,32 @@ class RobustStrategy(Strategy):
         """
         nodes = sorted(int(n) for n in nodes)
         self._num_nodes = len(nodes)
-        eligible = [n for n in nodes if not self.reputation.is_quarantined(n, server_round)]
-        size = min(len(eligible), max(self.min_train_nodes, int(round(self.fraction_train * len(nodes)))))
-        rng = np.random.default_rng([self.seed, server_round])
-        # Choose positions, not ids: numpy would turn 64-bit node ids into float64 and round them.
-        sampled = sorted(eligible[int(i)] for i in rng.choice(len(eligible), size=size, replace=False))
-        skipped = sorted(set(nodes) - set(eligible))
-        if skipped:
-            log(INFO, "configure_train: quarantined nodes skipped: %s", skipped)
-        log(INFO, "configure_train: sampled %d of %d nodes", len(sampled), len(nodes))
+        sampled = self._sample(nodes, server_round, self.fraction_train, self.min_train_nodes, "configure_train")
         if self._spec is None:
-            self._spec = ParamSpec.of(arrays)
+            self._spec = ParamSpec.of(arrays, self.model_dtypes)
         self._global = arrays_to_vector(arrays, self._spec)
+        self._global_others = other_entries(arrays, self._spec)
         self._sampled = set(sampled)
         config["server-round"] = server_round
         if self.privacy.mode == "client":
             config["clip-norm"] = float(self.privacy.clip_norm)
         record = RecordDict({"arrays": arrays, "config": config})
         return [Message(content=record, message_type=MessageType.TRAIN, dst_node_id=n) for n in sampled]
+
+    def _sample(self, nodes: list[int], server_round: int, fraction: float, minimum: int, what: str,
+                stream: int = 0) -> list[int]:
+        """Seeded sample of the non-quarantined ``nodes`` (depends only on seed, round and ids)."""
+        eligible = [n for n in nodes if not self.reputation.is_quarantined(n, server_round)]
+        size = min(len(eligible), max(minimum, int(round(fraction * len(nodes)))))
+        key = [self.seed, server_round] if stream == 0 else [self.seed, server_round, stream]
+        rng = np.random.default_rng(key)
+        # Choose positions, not ids: numpy would turn 64-bit node ids into float64 and round them.
+        sampled = sorted(eligible[int(i)] for i in rng.choice(len(eligible), size=size, replace=False))
+        skipped = sorted(set(nodes) - set(eligible))
+        if skipped:
+            log(INFO, "%s: quarantined nodes skipped: %s", what, skipped)
+        log(INFO, "%s: sampled %d of %d nodes", what, len(sampled), len(nodes))
+        return sampled
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -270,15 +315,23 @@ class RobustStrategy(Strategy):
             updates = self.interceptor(server_round, updates, node_ids, [v.metrics for v in valid], self.rule)
         record["update_sha256"] = {str(n): _sha256(u) for n, u in zip(node_ids, updates)}
         record["client_reports"] = {
-            str(v.node_id): {k: m for k, m in v.metrics.items() if k not in ("num-examples", "train-loss")} | v.provenance
+            str(v.node_id): {k: m for k, m in v.metrics.items() if k not in ("num-examples", "train-loss", "train_loss")}
+            | v.provenance
             for v in valid
         }
+        shared = _shared_manifests(valid)
+        if shared:
+            record["shared_manifests"] = shared
+            for digest, nodes in shared.items():
+                log(WARNING, "round %d: nodes %s report the same data manifest %s: one signed data folder is "
+                    "being used by several nodes", server_round, nodes, digest[:16])
 
         for v in valid:
             if "audit-checked" in v.metrics:
+                # The validator made these non-negative ints: nothing here casts client data.
                 log(INFO, "round %d: node %d data audit: %d checked, %d flagged, %d dropped", server_round,
-                    v.node_id, int(v.metrics["audit-checked"]), int(v.metrics.get("audit-flagged", 0)),
-                    int(v.metrics.get("audit-dropped", 0)))
+                    v.node_id, v.metrics["audit-checked"], v.metrics.get("audit-flagged", 0),
+                    v.metrics.get("audit-dropped", 0))
 
         if self.privacy.mode == "central":
             # n must not depend on the clients' data: a sampled client whose reply was rejected
@@ -303,24 +356,110 @@ class RobustStrategy(Strategy):
         if self.privacy.mode != "off":
             vector = self._privatise(vector, keep, record, norms if self.privacy.mode == "central" else None)
 
-        new_global = self._global + vector.to("cpu", torch.float32)
+        new_global = self._global + vector.to("cpu", self._global.dtype)
         record["aggregate_sha256"] = _sha256(vector)
-        record["train_loss"] = _weighted_metric(valid, "train-loss")
+        record["train_loss"] = _train_loss(valid)
+        kept = [v for v in valid if v.node_id not in set(record["excluded"])] or valid
+        others = {key: lower_median([v.others[key] for v in kept]) for key in self._spec.other_keys}
         self._finish(record, scores, started)
-        metrics = MetricRecord({"num-valid": len(valid), "num-rejected": len(rejected)})
-        if record["train_loss"] is not None:
-            metrics["train-loss"] = record["train_loss"]
-        return vector_to_arrays(new_global, self._spec), metrics
+        metrics = self._aggregate_metrics(self.train_metrics_aggr_fn, valid, server_round, "train")
+        metrics["num-valid"] = len(valid)
+        metrics["num-rejected"] = len(rejected)
+        return vector_to_arrays(new_global, self._spec, others), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Phalanx evaluates centrally on the server's held-out split; no client round."""
-        return []
+        """Federated evaluation: send the global model to a seeded ``fraction_evaluate`` of the nodes.
+
+        Quarantined nodes are skipped. With ``fraction_evaluate = 0`` no message is sent.
+        """
+        if self.fraction_evaluate == 0.0:
+            self._evaluate_sampled = set()
+            return []
+        nodes = _wait_for_nodes(grid, max(self.min_available_nodes, self.min_evaluate_nodes))
+        sampled = self._sample(sorted(int(n) for n in nodes), server_round, self.fraction_evaluate,
+                               self.min_evaluate_nodes, "configure_evaluate", stream=1)
+        self._evaluate_sampled = set(sampled)
+        config["server-round"] = server_round
+        record = RecordDict({"arrays": arrays, "config": config})
+        return [Message(content=record, message_type=MessageType.EVALUATE, dst_node_id=n) for n in sampled]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """No client-side evaluation (see ``configure_evaluate``)."""
-        return None
+        """The ``num-examples``-weighted evaluation metrics of the valid replies (None when there are none).
+
+        Like training replies, evaluation replies are untrusted: error replies, replies from
+        nodes that were not sampled, duplicates and metrics that fail :func:`check_metrics`
+        are rejected with a reason (in ``last_evaluate_record``), never raised.
+        """
+        accepted: list[ValidReply] = []
+        rejected: dict[str, str] = {}
+        seen: set[int] = set()
+        for reply in replies:
+            try:
+                node_id = int(reply.metadata.src_node_id)
+            except Exception:  # noqa: BLE001 - no usable sender id at all
+                rejected["-1"] = "reply without a sender node id"
+                continue
+            reason = None
+            if node_id in seen:
+                reason = "duplicate reply from this node (the first was kept)"
+            elif node_id not in self._evaluate_sampled:
+                reason = f"node was not sampled for evaluation in round {server_round}"
+            else:
+                reason = _evaluate_reply_problem(reply)
+            seen.add(node_id)
+            if reason is None:
+                values, reason = check_metrics(reply.content["metrics"])
+            if reason is not None:
+                rejected[str(node_id)] = reason
+                log(WARNING, "round %d: evaluation reply of node %s rejected: %s", server_round, node_id, reason)
+                continue
+            accepted.append(ValidReply(node_id, torch.empty(0), min(int(values["num-examples"]), self.max_num_examples),
+                                       values))
+        accepted.sort(key=lambda v: v.node_id)
+        self.last_evaluate_record = {"round": server_round, "sampled": sorted(self._evaluate_sampled),
+                                     "accepted": [v.node_id for v in accepted], "rejected": rejected}
+        if not accepted:
+            return None
+        metrics = self._aggregate_metrics(self.evaluate_metrics_aggr_fn, accepted, server_round, "evaluate")
+        self.last_evaluate_record["metrics"] = dict(metrics)
+        return metrics
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run the rounds, as Flower's ``Strategy.start`` does, with Phalanx's safeguards.
+
+        Same arguments and result as Flower's. The loop is :class:`server.run.RobustRun`'s
+        without a run directory: the training monitor watches ``evaluate_fn``'s ``loss`` and
+        ``accuracy``, a round whose central metrics turn non-finite is not kept, and a DP budget
+        stops training cleanly. For the audit trail, checkpoints and report, use
+        ``RobustRun(strategy, out_dir=...)`` instead.
+        """
+        from server.run import RobustRun
+
+        return RobustRun(self).start(grid, initial_arrays, num_rounds=num_rounds, timeout=timeout,
+                                     train_config=train_config, evaluate_config=evaluate_config,
+                                     evaluate_fn=evaluate_fn)
+
+    def _aggregate_metrics(self, fn: MetricsAggregationFn, replies: list[ValidReply], server_round: int,
+                           what: str) -> MetricRecord:
+        """Aggregate validated client metrics; a failing user function is logged, never raised."""
+        try:
+            out = fn(validated_metric_records(replies), "num-examples")
+        except Exception as exc:  # noqa: BLE001 - a user's aggregation function must not end the run
+            log(WARNING, "round %d: %s metrics aggregation failed (%s: %s); no %s metrics this round",
+                server_round, what, type(exc).__name__, exc, what)
+            return MetricRecord()
+        return out if isinstance(out, MetricRecord) else MetricRecord()
 
     # ------------------------------------------------------------------ internals
     def _validate_all(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ValidReply], dict[int, str]]:
@@ -361,7 +500,7 @@ class RobustStrategy(Strategy):
             # Once every node is fully distrusted the weights carry no information: stay uniform.
             weights = weights * trust if bool((trust > 0).any()) else weights
         before = _rule_state(self.rule)
-        result = self._call_rule(updates, weights)
+        result = self._call_rule(updates, weights, node_ids)
         client_scores = score_updates(updates, result.vector, result.scores)
         combined = client_scores.combined
         flagged = self.reputation.observe(server_round, node_ids, combined.tolist())
@@ -374,7 +513,7 @@ class RobustStrategy(Strategy):
                 # A stateful rule (centered clipping's centre, a seeded generator) must see this
                 # round once: rewind it to where the round started before aggregating again.
                 _load_rule_state(self.rule, before)
-                result = self._call_rule(updates[keep], weights[keep])
+                result = self._call_rule(updates[keep], weights[keep], [n for n in node_ids if n not in excluded])
             except ValueError as exc:
                 _load_rule_state(self.rule, after_first)
                 log(WARNING, "round %d: cannot aggregate without the excluded nodes %s (%s); keeping them",
@@ -396,11 +535,15 @@ class RobustStrategy(Strategy):
         record["reputation"] = {str(n): float(self.reputation.reputations.get(n, 0.0)) for n in node_ids}
         return result.vector, keep, combined
 
-    def _call_rule(self, updates: torch.Tensor, weights: torch.Tensor):
+    def _call_rule(self, updates: torch.Tensor, weights: torch.Tensor, node_ids: list[int]):
         if getattr(self.rule, "needs_trusted_update", False) and getattr(self, "trusted_update_fn", None):
             self.rule.set_trusted_update(self.trusted_update_fn(self._global).to(updates))
         # Central DP's sensitivity bounds hold for the unweighted rule only.
-        return self.rule(updates, weights=None if self.privacy.mode == "central" else weights)
+        weights = None if self.privacy.mode == "central" else weights
+        if getattr(self.rule, "uses_client_ids", False):
+            # Rules with per-client history (FoolsGold) key it by node id, not by row position.
+            return self.rule(updates, weights=weights, client_ids=list(node_ids))
+        return self.rule(updates, weights=weights)
 
     def _clip_norm(self) -> float:
         return self.clipper.clip_norm if self.clipper is not None else self.privacy.clip_norm
@@ -491,6 +634,23 @@ class RobustStrategy(Strategy):
             state["accountant"] = self.accountant.state_dict()
         return state
 
+    def model_state(self) -> dict:
+        """The state that moves with the global model: the rule's (e.g. centered clipping's centre).
+
+        :class:`server.run.RobustRun` saves it before each round and restores it with the model
+        when a round is not kept (its central metrics turned non-finite) or is rolled back.
+        Reputation, history and privacy spent are not part of it: they are never undone.
+        """
+        state: dict = {}
+        if hasattr(self.rule, "state_dict"):
+            state["rule"] = _copy_state(self.rule.state_dict())
+        return state
+
+    def load_model_state(self, state: dict) -> None:
+        """Restore what :meth:`model_state` returned."""
+        if "rule" in state and hasattr(self.rule, "load_state_dict"):
+            self.rule.load_state_dict(state["rule"])
+
     def load_state_dict(self, state: dict) -> None:
         """Restore what ``state_dict`` saved."""
         self.reputation.load_state_dict(state["reputation"])
@@ -507,6 +667,17 @@ class RobustStrategy(Strategy):
                                                 sampling_rate=saved["sampling_rate"], delta=saved["delta"],
                                                 accountant=saved["accountant"])
             self.accountant.load_state_dict(saved)
+
+
+def _copy_state(value):
+    """A deep copy of plain state (tensors cloned), so later rounds cannot change a saved snapshot."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _copy_state(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copy_state(v) for v in value)
+    return value
 
 
 def _rule_state(rule) -> dict | None:
@@ -529,19 +700,46 @@ def result_scores(result, keep: torch.Tensor) -> list[float]:
 
 def _stack_updates(valid: list[ValidReply], device: torch.device) -> torch.Tensor:
     """One (n, d) stack on ``device``, filled row by row so each reply's copy is freed as it goes in."""
-    stack = torch.empty((len(valid), valid[0].update.numel()), dtype=torch.float32, device=device)
+    stack = torch.empty((len(valid), valid[0].update.numel()), dtype=valid[0].update.dtype, device=device)
     for row, reply in enumerate(valid):
         stack[row].copy_(reply.update)
         reply.update = torch.empty(0)
     return stack
 
 
-def _weighted_metric(valid: list[ValidReply], key: str) -> float | None:
-    pairs = [(float(v.metrics[key]), v.num_examples) for v in valid if key in v.metrics]
+def _train_loss(valid: list[ValidReply]) -> float | None:
+    """The num-examples-weighted train loss, under Phalanx's name or Flower's templates' one."""
+    pairs = []
+    for v in valid:
+        key = "train-loss" if "train-loss" in v.metrics else "train_loss" if "train_loss" in v.metrics else None
+        if key is not None:
+            pairs.append((v.metrics[key], v.num_examples))
     if not pairs:
         return None
     total = sum(w for _, w in pairs)
     return sum(m * w for m, w in pairs) / total
+
+
+def _shared_manifests(valid: list[ValidReply]) -> dict[str, list[int]]:
+    """Manifest digests reported by more than one node this round (one data folder, several nodes)."""
+    by_digest: dict[str, list[int]] = {}
+    for v in valid:
+        digest = v.provenance.get("manifest-digest")
+        if digest:
+            by_digest.setdefault(digest, []).append(v.node_id)
+    return {d: sorted(nodes) for d, nodes in by_digest.items() if len(nodes) > 1}
+
+
+def _evaluate_reply_problem(reply: Message) -> str | None:
+    """Why an evaluation reply cannot be used, or None (its metrics are checked separately)."""
+    if reply.has_error():
+        return f"client error {reply.error.code}: {reply.error.reason}"
+    names = sorted(reply.content.keys())
+    if names != ["metrics"]:
+        return f"records: expected only 'metrics', got {names}"
+    if not isinstance(reply.content["metrics"], MetricRecord):
+        return f"'metrics' is a {type(reply.content['metrics']).__name__}, not a MetricRecord"
+    return None
 
 
 def _sha256(tensor: torch.Tensor) -> str:

@@ -33,11 +33,16 @@ class ValidReply:
     node_id : int
         Sender.
     update : torch.Tensor
-        Reply weights minus global weights, flat float32 on CPU.
+        Reply weights minus global weights over the floating-point entries, flat on CPU in the
+        spec's vector dtype (float32, or float64 for a model with float64 entries).
     num_examples : int
         Client-reported example count, capped at the validator's bound.
     metrics : dict
-        The reply's metrics (all finite numbers).
+        The reply's metrics, type- and range-checked (:func:`check_metrics`).
+    provenance : dict
+        Where the client says its data came from (bounded strings).
+    others : dict
+        The reply's integer and boolean entries (e.g. ``num_batches_tracked``), decoded.
     """
 
     node_id: int
@@ -45,6 +50,7 @@ class ValidReply:
     num_examples: int
     metrics: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
+    others: dict = field(default_factory=dict)
 
 
 class ReplyValidator:
@@ -99,10 +105,10 @@ class ReplyValidator:
         reason = self._check_keys(arrays)
         if reason:
             return reason
-        flat, reason = self._decode(arrays)
+        flat, others, reason = self._decode(arrays)
         if reason:
             return reason
-        update = flat - global_vector.to(torch.float32)
+        update = flat - global_vector.to(flat.dtype)
         norm = float(torch.linalg.vector_norm(update.double()))
         if norm > self.max_update_norm:
             return f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g}"
@@ -111,7 +117,7 @@ class ReplyValidator:
         if reason:
             return reason
         num_examples = min(int(metric_values["num-examples"]), self.max_num_examples)
-        return ValidReply(node_id, update, num_examples, metric_values, provenance)
+        return ValidReply(node_id, update, num_examples, metric_values, provenance, others)
 
     def _check_keys(self, arrays: ArrayRecord) -> str | None:
         keys = set(arrays.keys())
@@ -120,29 +126,35 @@ class ReplyValidator:
             return f"array keys differ from the global model's: missing {sorted(expected - keys)}, unexpected {sorted(keys - expected)}"
         return None
 
-    def _decode(self, arrays: ArrayRecord) -> tuple[torch.Tensor, str | None]:
-        parts = []
+    def _decode(self, arrays: ArrayRecord) -> tuple[torch.Tensor, dict, str | None]:
+        parts, others = [], {}
+        empty = torch.empty(0)
+        vector_dtype = np.float64 if self.spec.vector_dtype == torch.float64 else np.float32
+        float_keys = set(self.spec.float_keys)
         for key, shape, dtype in zip(self.spec.keys, self.spec.shapes, self.spec.dtypes):
             array = arrays[key]
             try:
                 data = array.numpy()
             except Exception as exc:  # noqa: BLE001 - undecodable bytes are the client's fault
-                return torch.empty(0), f"array {key!r}: undecodable data ({type(exc).__name__})"
+                return empty, {}, f"array {key!r}: undecodable data ({type(exc).__name__})"
             if tuple(data.shape) != shape:
-                return torch.empty(0), f"array {key!r}: shape {tuple(data.shape)}, expected {shape}"
+                return empty, {}, f"array {key!r}: shape {tuple(data.shape)}, expected {shape}"
             if data.dtype.name != dtype:
-                return torch.empty(0), f"array {key!r}: dtype {data.dtype.name}, expected {dtype}"
+                return empty, {}, f"array {key!r}: dtype {data.dtype.name}, expected {dtype}"
             if tuple(array.shape) != shape or array.dtype != dtype:
-                return torch.empty(0), (
+                return empty, {}, (
                     f"array {key!r}: declared shape/dtype {tuple(array.shape)}/{array.dtype} "
                     f"disagree with its data {shape}/{dtype}"
                 )
+            if key not in float_keys:
+                others[key] = data
+                continue
             if not np.isfinite(data).all():
                 bad = int((~np.isfinite(data)).sum())
-                return torch.empty(0), f"array {key!r}: {bad} non-finite values (NaN/Inf)"
-            parts.append(np.asarray(data, dtype=np.float32).reshape(-1))
-        return torch.from_numpy(np.concatenate(parts)), None
-
+                return empty, {}, f"array {key!r}: {bad} non-finite values (NaN/Inf)"
+            parts.append(np.asarray(data, dtype=vector_dtype).reshape(-1))
+        flat = torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, dtype=self.spec.vector_dtype)
+        return flat, others, None
 
 
 # --------------------------------------------------------------------------- client metrics and text

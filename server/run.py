@@ -1,0 +1,485 @@
+"""RobustRun: the round loop with Phalanx's evidence, for Phalanx's ServerApp and for yours.
+
+``RobustRun(strategy, out_dir).start(grid, initial_arrays, num_rounds, evaluate_fn=...)`` runs
+Flower's round loop (train, federated evaluation, central evaluation, as
+``flwr.serverapp.strategy.Strategy.start`` does, same arguments, same ``Result``) and around it
+keeps what a run facing poisoned clients must leave behind, in ``out_dir``:
+
+``audit.jsonl``
+    One hash-chained record per round (:mod:`server.audit`): participants, each accepted
+    update's SHA-256, rejections with reasons, scores, flags, the aggregate's SHA-256, central
+    metrics, alerts, the clients' data provenance, the run's identity.
+``checkpoint.pt``
+    After every round, atomically: the global model, the strategy's state (reputation, rule and
+    DP state, RNG), the monitor, the records and the audit head. ``resume=True`` continues a
+    killed run from it.
+``summary.json``
+    Strict JSON (no NaN): ``config``, final and best accuracy, per-round records, alerts.
+``scores.csv``, ``report.html``, ``model.pt``
+    Per-client anomaly scores, the human-readable review report, the final ``state_dict``.
+
+Safeguards in the loop itself:
+
+* the **training monitor** (:class:`server.monitor.TrainingMonitor`) watches the central
+  ``loss`` and ``accuracy`` and raises alerts (log, summary, audit, report);
+* a round whose central metrics turn **non-finite** is not kept: the metrics are recorded as
+  null, the monitor alerts, and the global model and the rule's state go back to what they
+  were before the round (``reverted`` in the record); reputation and privacy spent are kept;
+* a **DP budget** (``target_epsilon``) stops training cleanly before the round that would
+  exceed it;
+* **resume** refuses a checkpoint of another run (its identity: a run id drawn at the start and
+  the hash of the config, the run directory included) and never truncates the audit log by
+  more than one trailing record (the round written after the last checkpoint, or a torn
+  line); a missing checkpoint beside an existing log is refused, naming both files. Starting
+  afresh in a directory that holds an earlier run moves that run's files into
+  ``previous-runs/<time>/`` first: nothing is overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Result
+
+from server.audit import AuditLog, canonical_json
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.monitor import TrainingMonitor
+from server.params import ParamSpec, arrays_to_vector, other_entries, vector_to_arrays
+from server.report import write_report
+from server.scoring import write_scores_csv
+from server.strategy import RobustStrategy
+
+#: Version of the checkpoint layout written by :class:`RobustRun`.
+CHECKPOINT_FORMAT = 2
+#: Record keys copied into summary.json's ``rounds``.
+SUMMARY_ROUND_KEYS = (
+    "round", "accuracy", "loss", "accepted", "rejected", "scores", "flagged", "excluded", "selected", "reputation",
+    "features", "skipped", "alerts", "epsilon", "backdoor_asr", "train_loss", "seconds", "aggregation_seconds",
+    "client_reports", "noise_std", "clip_norm", "next_clip_norm", "null_clients", "skip_reason", "reverted",
+    "central_metrics", "federated_evaluation", "shared_manifests",
+)
+#: Files of a run, moved aside together when a fresh run starts in the same directory.
+RUN_FILES = ("audit.jsonl", "checkpoint.pt", "summary.json", "scores.csv", "report.html", "model.pt")
+
+
+class RunStateError(RuntimeError):
+    """The run directory does not hold a state this run may continue or overwrite."""
+
+
+class RunFiles:
+    """The files of a run directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+
+    summary = property(lambda self: self.root / "summary.json")
+    audit = property(lambda self: self.root / "audit.jsonl")
+    scores = property(lambda self: self.root / "scores.csv")
+    checkpoint = property(lambda self: self.root / "checkpoint.pt")
+    model = property(lambda self: self.root / "model.pt")
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None and NumPy scalars as Python numbers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (np.floating, np.integer)):
+        return strict_json(value.item())
+    if isinstance(value, dict):
+        return {str(k): strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        items = sorted(value) if isinstance(value, set) else value
+        return [strict_json(v) for v in items]
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return strict_json(value.item())
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
+
+
+def write_json(path: Path, payload: Any) -> None:
+    """Write strict JSON atomically (temp file, rename): a parser that refuses NaN reads it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(strict_json(payload), indent=2, allow_nan=False))
+    tmp.replace(path)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def _count_log_records(path: Path) -> tuple[int, bool]:
+    """(records in the file counting a torn last line as one, whether the last line is torn)."""
+    if not path.exists():
+        return 0, False
+    data = path.read_bytes()
+    if not data:
+        return 0, False
+    torn = not data.endswith(b"\n")
+    return data.count(b"\n") + (1 if torn else 0), torn
+
+
+class RobustRun:
+    """Runs a :class:`~server.strategy.RobustStrategy` round by round and keeps the run's evidence.
+
+    Parameters
+    ----------
+    strategy : RobustStrategy
+        The strategy (its ``configure_*`` / ``aggregate_*`` methods drive each round).
+    out_dir : str | Path | None
+        The run directory; None keeps everything in memory (no files), which is what
+        ``RobustStrategy.start`` uses.
+    config : Mapping | None
+        The run's settings, recorded in summary.json and hashed into the run's identity (a
+        checkpoint written under another config is refused on resume).
+    resume : bool
+        Continue from ``out_dir/checkpoint.pt``.
+    monitor : TrainingMonitor | None
+        The training monitor (a default one when None).
+    metric_keys : tuple[str, str]
+        The central-evaluation metric names the monitor watches (loss, accuracy).
+    on_round : Callable[[dict], None] | None
+        Called with each finished round's record (Phalanx's ServerApp prints its table row).
+    summary_extra : Callable[[list[dict]], dict] | None
+        Adds keys to summary.json from the round records (simulations add detection quality).
+    audit_key, audit_anchor
+        Ed25519 signing key (or its path) and the anchor of each round's head, passed to
+        :class:`server.audit.AuditLog` (see ``docs/deployment.md``).
+    """
+
+    def __init__(
+        self,
+        strategy: RobustStrategy,
+        out_dir: str | Path | None = None,
+        *,
+        config: Mapping[str, Any] | None = None,
+        resume: bool = False,
+        monitor: TrainingMonitor | None = None,
+        metric_keys: tuple[str, str] = ("loss", "accuracy"),
+        on_round: Callable[[dict], None] | None = None,
+        summary_extra: Callable[[list[dict]], dict] | None = None,
+        audit_key: Any = None,
+        audit_anchor: Any = None,
+    ) -> None:
+        self.strategy = strategy
+        self.files = RunFiles(out_dir) if out_dir is not None else None
+        self.config = dict(config or {})
+        self.resume = bool(resume)
+        self.monitor = monitor or TrainingMonitor()
+        self.metric_keys = metric_keys
+        self.on_round = on_round
+        self.summary_extra = summary_extra
+        self.audit_key = audit_key
+        self.audit_anchor = audit_anchor
+        self.records: list[dict] = []
+        self.run_id = secrets.token_hex(16)
+        self.stopped_early: str | None = None
+        self.initial_evaluation: dict | None = None
+        self.started = time.time()
+        self.audit: AuditLog | None = None
+        self._result = Result()
+
+    # ------------------------------------------------------------------ identity
+    def config_hash(self) -> str:
+        """SHA-256 of the config and the run directory: what a resumed checkpoint must match."""
+        identity = {k: v for k, v in self.config.items() if k != "resume"}
+        identity["out"] = str(self.files.root) if self.files is not None else None
+        return hashlib.sha256(canonical_json(strict_json(identity)).encode()).hexdigest()
+
+    # ------------------------------------------------------------------ the loop
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+    ) -> Result:
+        """Run (or continue) the rounds; arguments and result as Flower's ``Strategy.start``."""
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        arrays = initial_arrays
+        first_round = 1
+        checkpoint = self._open(initial_arrays)
+        if checkpoint is not None:
+            arrays, first_round = self._restore(checkpoint, initial_arrays)
+        elif evaluate_fn is not None:
+            initial = evaluate_fn(0, arrays)
+            if initial is not None:
+                self._result.evaluate_metrics_serverapp[0] = initial
+                self.initial_evaluation = strict_json(dict(initial))
+        self.strategy.summary()
+
+        for server_round in range(first_round, num_rounds + 1):
+            if self.strategy.next_round_exceeds_budget():
+                self.stopped_early = (f"stopped before round {server_round}: it would spend more than target-epsilon "
+                                      f"{self.strategy.privacy.target_epsilon} (spent {self.strategy.epsilon():.3f})")
+                log(WARNING, self.stopped_early)
+                break
+            arrays = self._round(grid, server_round, arrays, timeout, train_config, evaluate_config, evaluate_fn)
+        self._result.arrays = arrays
+        self._finish(arrays)
+        return self._result
+
+    def _round(self, grid: Grid, server_round: int, arrays: ArrayRecord, timeout: float,
+               train_config: ConfigRecord | None, evaluate_config: ConfigRecord | None,
+               evaluate_fn: Callable | None) -> ArrayRecord:
+        started = time.perf_counter()
+        log(INFO, "[ROUND %d]", server_round)
+        before_arrays, before_state = arrays, self.strategy.model_state()
+        messages = self.strategy.configure_train(server_round, arrays, _copy_config(train_config), grid)
+        replies = grid.send_and_receive(messages=messages, timeout=timeout)
+        new_arrays, train_metrics = self.strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        if train_metrics is not None:
+            self._result.train_metrics_clientapp[server_round] = train_metrics
+        record = dict(self.strategy.last_record or {"round": server_round})
+
+        evaluate_messages = list(self.strategy.configure_evaluate(server_round, arrays, _copy_config(evaluate_config),
+                                                                  grid))
+        if evaluate_messages:
+            evaluate_replies = grid.send_and_receive(messages=evaluate_messages, timeout=timeout)
+            federated = self.strategy.aggregate_evaluate(server_round, evaluate_replies)
+            if federated is not None:
+                self._result.evaluate_metrics_clientapp[server_round] = federated
+            record["federated_evaluation"] = strict_json(self.strategy.last_evaluate_record or {})
+
+        central = evaluate_fn(server_round, arrays) if evaluate_fn is not None else None
+        loss_key, accuracy_key = self.metric_keys
+        loss = accuracy = None
+        if central is not None:
+            values = dict(central)
+            broken = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+            loss, accuracy = values.get(loss_key), values.get(accuracy_key)
+            if broken:
+                # The update that made the model non-finite is not kept: back to the round's start.
+                record["reverted"] = (f"central {', '.join(broken)} non-finite after aggregation: the round's update "
+                                      "was discarded and the global model restored")
+                log(WARNING, "round %d: %s", server_round, record["reverted"])
+                arrays = before_arrays
+                self.strategy.load_model_state(before_state)
+            else:
+                self._result.evaluate_metrics_serverapp[server_round] = central
+            record["central_metrics"] = strict_json(values)
+            for key, value in values.items():
+                record[key.replace("-", "_")] = value if _finite(value) else None
+        alerts = self.monitor.observe(server_round, loss if isinstance(loss, (int, float)) else None,
+                                      accuracy if isinstance(accuracy, (int, float)) else None)
+        for alert in alerts:
+            log(WARNING, "monitor: %s", alert)
+        record["alerts"] = alerts
+        record["seconds"] = time.perf_counter() - started
+        self.records.append(record)
+        if self.files is not None:
+            self._persist(server_round, arrays, record)
+        if self.on_round is not None:
+            self.on_round(record)
+        return arrays
+
+    # ------------------------------------------------------------------ files
+    def _open(self, initial_arrays: ArrayRecord) -> dict | None:
+        """Prepare the run directory; return the checkpoint to continue from, if any."""
+        if self.files is None:
+            if self.resume:
+                raise RunStateError("resume needs a run directory (out_dir)")
+            return None
+        root = self.files.root
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)  # scores, provenance and the model are nobody else's business
+        audit_records, _ = _count_log_records(self.files.audit)
+        checkpoint = load_checkpoint(self.files.checkpoint) if self.resume else None
+        if self.resume and checkpoint is None:
+            if audit_records:
+                raise RunStateError(
+                    f"resume=true but {self.files.checkpoint} is missing while {self.files.audit} holds "
+                    f"{audit_records} records: refusing to start over (that would discard the log). Restore the "
+                    "checkpoint, or start a fresh run (resume=false: the old files are moved to previous-runs/)")
+            log(INFO, "resume=true: no checkpoint in %s, starting a fresh run", root)
+        if checkpoint is None:
+            self._archive_previous_run()
+            self.audit = self._audit_log(fresh=True)
+            return None
+        return checkpoint
+
+    def _archive_previous_run(self) -> None:
+        present = [name for name in RUN_FILES if (self.files.root / name).exists()]
+        if not present:
+            return
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        target = self.files.root / "previous-runs" / stamp
+        target.mkdir(parents=True)
+        for name in present:
+            shutil.move(str(self.files.root / name), str(target / name))
+        log(INFO, "an earlier run's files were moved to %s", target)
+
+    def _audit_log(self, *, fresh: bool, length: int = 0, head: str | None = None) -> AuditLog:
+        extra: dict[str, Any] = {}
+        if self.audit_key is not None:
+            extra["signing_key"] = self.audit_key
+        if self.audit_anchor is not None:
+            extra["anchor"] = self.audit_anchor
+        if fresh:
+            return AuditLog(self.files.audit, **extra)
+        return AuditLog.open_at(self.files.audit, length=length, head=head, **extra)
+
+    def _restore(self, checkpoint: dict, initial_arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
+        files = self.files
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise RunStateError(f"{files.checkpoint} is not a checkpoint of this Phalanx version "
+                                f"(format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT})")
+        if checkpoint["config_hash"] != self.config_hash():
+            raise RunStateError(f"{files.checkpoint} was written by another run (different settings or run "
+                                "directory); cannot resume it")
+        length, head = int(checkpoint["audit_length"]), str(checkpoint["audit_head"])
+        records, torn = _count_log_records(files.audit)
+        if records < length:
+            raise RunStateError(f"{files.audit} holds {records} records but {files.checkpoint} vouches for {length}: "
+                                "the log was truncated")
+        if records > length + 1:
+            raise RunStateError(f"{files.audit} holds {records} records, {records - length} more than "
+                                f"{files.checkpoint} vouches for ({length}): that checkpoint is older than the log "
+                                "(restore the latest checkpoint); refusing to drop more than one trailing record")
+        run_ids = {r.get("run_id") for r in _read_records(files.audit, length)}
+        if run_ids and run_ids != {checkpoint["run_id"]}:
+            raise RunStateError(f"{files.checkpoint} belongs to run {checkpoint['run_id']}, {files.audit} to "
+                                f"{sorted(str(r) for r in run_ids)}")
+        if records == length + 1:
+            log(WARNING, "resume: dropping the %s last record of %s (written after the checkpoint)",
+                "torn" if torn else "complete", files.audit)
+        self.audit = self._audit_log(fresh=False, length=length, head=head)
+        self.run_id = checkpoint["run_id"]
+        spec = ParamSpec.of(initial_arrays, self.strategy.model_dtypes)
+        arrays = vector_to_arrays(checkpoint["global"], spec, {k: v.numpy() for k, v in checkpoint["others"].items()})
+        self.strategy.load_state_dict(checkpoint["strategy"])
+        self.monitor.load_state_dict(checkpoint["monitor"])
+        self.records = list(checkpoint["records"])
+        self.initial_evaluation = checkpoint.get("initial_evaluation")
+        self.started = time.time() - float(checkpoint.get("elapsed", 0.0))
+        for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
+            history = getattr(self._result, name)
+            for round_key, metrics in checkpoint["result"][name].items():
+                history[int(round_key)] = MetricRecord(dict(metrics))
+        log(INFO, "Resuming from %s after round %d", files.checkpoint, checkpoint["round"])
+        return arrays, int(checkpoint["round"]) + 1
+
+    def _persist(self, server_round: int, arrays: ArrayRecord, record: dict) -> None:
+        assert self.audit is not None
+        self.audit.append(self.audit_record(record))
+        spec = ParamSpec.of(arrays, self.strategy.model_dtypes)
+        save_checkpoint(self.files.checkpoint, {
+            "format": CHECKPOINT_FORMAT,
+            "round": server_round,
+            "run_id": self.run_id,
+            "config_hash": self.config_hash(),
+            "global": arrays_to_vector(arrays, spec),
+            "others": {k: torch.from_numpy(np.array(v)) for k, v in other_entries(arrays, spec).items()},
+            "strategy": self.strategy.state_dict(),
+            "monitor": self.monitor.state_dict(),
+            "audit_length": self.audit.length,
+            "audit_head": self.audit.head,
+            "records": strict_json(self.records),
+            "initial_evaluation": self.initial_evaluation,
+            "elapsed": time.time() - self.started,
+            "result": {name: {str(r): strict_json(dict(m)) for r, m in getattr(self._result, name).items()}
+                       for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp",
+                                    "evaluate_metrics_serverapp")},
+        })
+        write_json(self.files.summary, self.summary())
+
+    def _finish(self, arrays: ArrayRecord) -> None:
+        if self.files is None:
+            return
+        write_json(self.files.summary, self.summary())
+        write_scores_csv(self.records, self.files.scores)
+        write_report(self.files.root)
+        torch.save(arrays.to_torch_state_dict(), self.files.model)
+
+    # ------------------------------------------------------------------ records
+    def audit_record(self, record: dict) -> dict:
+        """The audit chain's record of one round (strict JSON: non-finite values are null)."""
+        return strict_json({
+            "round": record["round"],
+            "run_id": self.run_id,
+            "config_hash": self.config_hash(),
+            "participants": record.get("sampled", []),
+            "accepted_update_sha256": {n: record["update_sha256"][n] for n in map(str, record.get("accepted", []))
+                                       if n in record.get("update_sha256", {})},
+            "rejected": record.get("rejected", {}),
+            "scores": record.get("scores", {}),
+            "flagged": record.get("flagged", []),
+            "excluded": record.get("excluded", []),
+            "aggregate_sha256": record.get("aggregate_sha256"),
+            "skipped": record.get("skipped", False),
+            "reverted": record.get("reverted"),
+            "client_reports": record.get("client_reports", {}),
+            "shared_manifests": record.get("shared_manifests", {}),
+            "central_metrics": record.get("central_metrics"),
+            "accuracy": record.get("accuracy"),
+            "loss": record.get("loss"),
+            "alerts": record.get("alerts", []),
+            "epsilon": record.get("epsilon"),
+        })
+
+    def summary(self) -> dict:
+        """What summary.json holds (strict JSON)."""
+        accuracies = [r["accuracy"] for r in self.records if _finite(r.get("accuracy"))]
+        epsilon = self.strategy.epsilon()
+        privacy = None
+        if self.strategy.privacy.mode != "off":
+            privacy = {"epsilon": epsilon if epsilon is not None and math.isfinite(epsilon) else None,
+                       "delta": self.strategy.privacy.delta, "mode": self.strategy.privacy.mode}
+        summary = {
+            "config": dict(self.config),
+            "run_id": self.run_id,
+            "final_accuracy": self.records[-1].get("accuracy") if self.records else None,
+            "best_accuracy": max(accuracies) if accuracies else None,
+            "clean_accuracy": None,
+            "backdoor_asr": self.records[-1].get("backdoor_asr") if self.records else None,
+            "detection": None,
+            "privacy": privacy,
+            "wall_seconds": time.time() - self.started,
+            "stopped_early": self.stopped_early,
+            "initial_evaluation": self.initial_evaluation,
+            "alerts": list(self.monitor.alerts),
+            "rounds": [{k: r[k] for k in SUMMARY_ROUND_KEYS if k in r} for r in self.records],
+        }
+        if self.summary_extra is not None:
+            summary.update(self.summary_extra(self.records))
+        return strict_json(summary)
+
+
+def _copy_config(config: ConfigRecord | None) -> ConfigRecord:
+    """A fresh ConfigRecord per round: the strategy writes the round number into it."""
+    return ConfigRecord(dict(config)) if config is not None else ConfigRecord()
+
+
+def _read_records(path: Path, limit: int) -> list[dict]:
+    out = []
+    with open(path, "rb") as file:
+        for index, raw in enumerate(file):
+            if index >= limit:
+                break
+            try:
+                out.append(json.loads(raw))
+            except ValueError:
+                break
+    return out
