@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m simulations run --out runs/latest
+	$(BIN)/python -m simulations run --attack sign-flip --num-malicious 2 --out runs/latest
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

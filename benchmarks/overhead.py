@@ -52,21 +52,20 @@ class TimedGrid:
 
 def bare_flower_round_times(num_clients: int, rounds: int) -> list[float]:
     """Seconds per round of Flower's FedAvg over Phalanx's ClientApp."""
-    from flwr.app import ArrayRecord, Context
+    from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
     from flwr.serverapp.strategy import FedAvg
 
-    from client.data import server_test_split
-    from client.model import build_model
+    from client.task import load_task
+    from client.wire import to_arrays
 
     timed: list[TimedGrid] = []
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        test = server_test_split("digits")
         torch.manual_seed(0)
-        arrays = ArrayRecord(build_model(test.num_features, test.num_classes).state_dict())
+        arrays = to_arrays(load_task("digits-mlp").build_model(dict(context.run_config)))
         strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_available_nodes=num_clients)
         timed.append(TimedGrid(grid))
         strategy.start(grid=timed[0], initial_arrays=arrays, num_rounds=rounds)

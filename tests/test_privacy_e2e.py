@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.data import server_test_split
-from client.model import build_model
-from server.app import _audit_record, build_strategy, run_server
+from client.task import load_task
+from server.app import build_strategy, run_server
+from server.run import RobustRun
 from server.audit import AuditLog
 from server.checkpoint import load_checkpoint
 from server.privacy import DPConfigError, epsilon_for
@@ -89,7 +89,7 @@ def checkpoint_rounds(out: Path) -> list[dict]:
     """Each round's full record (with ``noise_std``), as the checkpoint keeps it."""
     state = load_checkpoint(out / "checkpoint.pt")
     assert state is not None, f"no checkpoint in {out}"
-    return state["rounds"]
+    return state["records"]
 
 
 def flat(state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -98,9 +98,8 @@ def flat(state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def initial_model(seed: int) -> torch.Tensor:
     """The global model before round 1, built the way ``run_server`` builds it."""
-    test = server_test_split("digits")
     torch.manual_seed(seed)
-    return flat(build_model(test.num_features, test.num_classes).state_dict())
+    return flat(load_task("digits-mlp").build_model({"dataset": "auto"}).state_dict())
 
 
 def all_finite(summary: dict) -> bool:
@@ -294,7 +293,7 @@ def test_a_round_with_clipping_but_no_noise_can_be_audited(tmp_path):
     settings = RunSettings(aggregator="mean", num_byzantine=0, dp="central", noise_multiplier=0.0)
     record = {"round": 1, "accuracy": 0.9, "loss": 0.3, "epsilon": epsilon_for(0.0, 1.0, 1, DELTA)}
     assert math.isinf(record["epsilon"])
-    AuditLog(tmp_path / "audit.jsonl").append(_audit_record(settings, record))
+    AuditLog(tmp_path / "audit.jsonl").append(RobustRun(build_strategy(settings, None)).audit_record(record))
     written = json.loads((tmp_path / "audit.jsonl").read_text())
     # No finite number may stand for "no privacy at all".
     assert not isinstance(written["epsilon"], (int, float)) or math.isinf(written["epsilon"])
