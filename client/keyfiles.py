@@ -13,7 +13,8 @@ the deployment's TLS and SuperNode keys) and the directories that hold them:
   planted at a public key's path must not make Phalanx clobber the file it points to either.
 * :func:`ensure_private_dir` makes (or tightens) a directory to ``0700``; it refuses a symlink, a
   non-directory and a directory owned by another user (someone who pre-created ``/tmp/work``
-  could otherwise read or swap what goes in it).
+  could otherwise read or swap what goes in it), and will not tighten a shared sticky directory
+  such as ``/tmp`` itself.
 * :func:`generate_ed25519_key_files`, :func:`load_ed25519_private_key`,
   :func:`load_ed25519_public_key` and :func:`key_fingerprint` are the Ed25519 key helpers that
   ``client.integrity`` (data owners) and ``server.audit`` (the server's audit key) share.
@@ -177,7 +178,8 @@ def ensure_private_dir(path: str | Path) -> Path:
     Raises
     ------
     UnsafePathError
-        When ``path`` is a symlink, not a directory, or owned by another user.
+        When ``path`` is a symlink, not a directory, owned by another user, or a shared sticky
+        directory (mode 1777, like ``/tmp``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +201,10 @@ def ensure_private_dir(path: str | Path) -> Path:
         if hasattr(os, "geteuid") and info.st_uid != os.geteuid():
             raise UnsafePathError(f"{path} is owned by uid {info.st_uid}, not by this user (uid {os.geteuid()}): "
                                   "whoever owns it can read or replace what is written there")
+        if info.st_mode & stat.S_ISVTX and info.st_mode & stat.S_IWOTH:
+            # Tightening /tmp (or another shared sticky directory) would break every other user of it.
+            raise UnsafePathError(f"{path} is a shared directory (mode {stat.S_IMODE(info.st_mode):04o}); "
+                                  "use a directory of your own inside it")
         if stat.S_IMODE(info.st_mode) != PRIVATE_DIR_MODE and hasattr(os, "fchmod"):
             os.fchmod(fd, PRIVATE_DIR_MODE)
     finally:
