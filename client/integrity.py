@@ -117,55 +117,11 @@ def _data_files(data_dir: Path) -> dict[str, Path]:
     return found
 
 
-def load_private_key(path: str | Path, password: bytes | None = None) -> Ed25519PrivateKey:
-    """Read an Ed25519 private key from a PEM file.
-
-    Raises
-    ------
-    ValueError
-        When the file does not hold an Ed25519 private key (naming the file).
-    """
-    return load_ed25519_private_key(path, password)
-
-
-def load_public_key(key: Ed25519PublicKey | bytes | str | Path) -> Ed25519PublicKey:
-    """Accept a public key as an object, 32 raw bytes, PEM bytes, or a path to a PEM/raw file.
-
-    Raises
-    ------
-    ValueError
-        When the material is not an Ed25519 public key.
-    """
-    return load_ed25519_public_key(key)
-
-
-def generate_signing_key(
-    path_private: str | Path, path_public: str | Path, *, password: bytes | None = None
-) -> Ed25519PrivateKey:
-    """Create an Ed25519 key pair for a data owner and write it as PEM files.
-
-    Parameters
-    ----------
-    path_private : str or Path
-        Where the private key goes (PKCS#8 PEM), created ``0600`` with ``O_EXCL | O_NOFOLLOW``:
-        an existing file or a symlink at the path is refused (see
-        :func:`client.keyfiles.write_private_file`). Unencrypted unless ``password`` is given.
-    path_public : str or Path
-        Where the public key goes (SubjectPublicKeyInfo PEM); hand this one to the clients.
-    password : bytes, optional
-        Encrypts the private key.
-
-    Returns
-    -------
-    Ed25519PrivateKey
-        The new key.
-
-    Raises
-    ------
-    FileExistsError
-        When either file (or a symlink) already exists: a key is never overwritten.
-    """
-    return generate_ed25519_key_files(path_private, path_public, password=password)
+# The data owner's key pair is an Ed25519 pair like the audit's: one implementation for both.
+# generate_signing_key creates the private key 0600 with O_EXCL | O_NOFOLLOW and never overwrites.
+load_private_key = load_ed25519_private_key
+load_public_key = load_ed25519_public_key
+generate_signing_key = generate_ed25519_key_files
 
 
 # --------------------------------------------------------------------------- manifests

@@ -58,15 +58,16 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: str | Path) -> None:
+    """Persist a directory entry (new or renamed file); a no-op where directories can't be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY | _O_DIRECTORY)
-    except OSError:  # Windows cannot open directories
+    except OSError:  # Windows cannot open directories; its rename is durable enough there.
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        pass  # some filesystems refuse fsync on directories; the file itself is synced
     finally:
         os.close(fd)
 
@@ -97,7 +98,7 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
         path.unlink(missing_ok=True)
         raise
     os.close(fd)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _replace(path: Path, data: bytes, mode: int) -> None:
@@ -121,7 +122,7 @@ def _replace(path: Path, data: bytes, mode: int) -> None:
             os.close(fd)
         Path(temporary).unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def write_private_file(path: str | Path, data: bytes, *, overwrite: bool = False) -> Path:

@@ -69,6 +69,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from client.keyfiles import (
+    fsync_directory,
     generate_ed25519_key_files,
     is_inside,
     key_fingerprint,
@@ -684,20 +685,6 @@ def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
 # --------------------------------------------------------------------------- writing a chain
 
 
-def _fsync_directory(directory: Path) -> None:
-    """Persist a directory entry (new or renamed file); a no-op where directories can't be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # Windows cannot open directories; its rename is durable enough there.
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the file itself is synced
-    finally:
-        os.close(fd)
-
-
 def _utc_now_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -782,7 +769,7 @@ class FileAnchor(AuditAnchor):
         finally:
             os.close(fd)
         if created:
-            _fsync_directory(self.path.parent)
+            fsync_directory(self.path.parent)
 
     def heads(self, chain: str) -> list[AnchorEntry]:
         if not self.path.exists():
@@ -989,7 +976,7 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "wb") as file:
             os.fsync(file.fileno())
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
 
     def _configure(self, path: str | Path, signing_key: Ed25519PrivateKey | None, anchor: AuditAnchor | None) -> None:
         if signing_key is not None and not isinstance(signing_key, Ed25519PrivateKey):
