@@ -250,12 +250,23 @@ def load_partition(
 
 
 def export_partitions(
-    name: str, num_partitions: int, alpha: float, seed: int, out_dir: str | Path, *, private_key=None
+    name: str,
+    num_partitions: int,
+    alpha: float,
+    seed: int,
+    out_dir: str | Path,
+    *,
+    private_key=None,
+    dataset_id: str | None = None,
+    version: int | None = None,
+    expires=None,
 ) -> list[Path]:
     """Write each client's partition to ``out_dir/<partition-id>/train.npz`` with a manifest.
 
     This is how a data owner prepares verified data for the ``data-dir`` run-config key; with
-    an Ed25519 ``private_key`` the manifests are signed.
+    an Ed25519 ``private_key`` the manifests are signed. Each manifest binds its partition id and
+    ``dataset_id`` (default: ``name``), so one partition's folder is refused by a node that holds
+    another; ``version`` and ``expires`` are bound when given (see ``client.integrity.write_manifest``).
 
     Returns
     -------
@@ -270,6 +281,7 @@ def export_partitions(
         folder = Path(out_dir) / str(partition_id)
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(folder / "train.npz", x=data.x, y=data.y)
-        write_manifest(folder, private_key=private_key)
+        write_manifest(folder, private_key=private_key, dataset_id=dataset_id or name, partition_id=partition_id,
+                       version=version, expires=expires)
         folders.append(folder)
     return folders

@@ -44,6 +44,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from client.keyfiles import ensure_private_dir, write_private_file, write_public_file
+
 #: The repository root: the Flower App ``flwr run`` builds (it holds pyproject.toml).
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 
@@ -93,10 +95,15 @@ def make_tls_files(directory: Path, hosts: Sequence[str] = (LOOPBACK, "localhost
                    valid_for: datetime.timedelta = datetime.timedelta(days=1)) -> TlsFiles:
     """Create a throwaway CA and a server certificate for ``hosts``, both P-384 ECDSA.
 
+    The material is throwaway: each call replaces what is in ``directory``. Every file is written
+    as a new file renamed into place, so a symlink planted at one of the paths is replaced, never
+    followed, and ``server.key`` is ``0600`` from creation on, whatever mode an old file had.
+
     Parameters
     ----------
     directory : Path
-        Where ``ca.crt``, ``server.pem`` and ``server.key`` are written (created if absent).
+        Where ``ca.crt``, ``server.pem`` and ``server.key`` are written; created if absent and made
+        ``0700`` (it must be owned by this user and not be a symlink).
     hosts : Sequence[str]
         Subject alternative names of the server certificate: IP addresses and DNS names.
     valid_for : datetime.timedelta
@@ -106,10 +113,15 @@ def make_tls_files(directory: Path, hosts: Sequence[str] = (LOOPBACK, "localhost
     -------
     TlsFiles
         The three files. The CA's private key is never written: nothing else can be signed by it.
+
+    Raises
+    ------
+    client.keyfiles.UnsafePathError
+        When ``directory`` is a symlink or owned by another user.
     """
     if not hosts:
         raise ValueError("make_tls_files: hosts is empty; the server certificate needs at least one SAN")
-    directory.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(directory)
     not_before = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=5)
     not_after = not_before + valid_for
 
@@ -143,28 +155,52 @@ def make_tls_files(directory: Path, hosts: Sequence[str] = (LOOPBACK, "localhost
     )
 
     files = TlsFiles(directory / "ca.crt", directory / "server.pem", directory / "server.key")
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    _write_secret(files.server_key, server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    write_public_file(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), overwrite=True)
+    write_public_file(files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), overwrite=True)
+    write_private_file(files.server_key, server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), overwrite=True)
     return files
 
 
-def make_node_key(directory: Path, name: str) -> NodeKey:
+def make_node_key(directory: Path, name: str, *, overwrite: bool = False) -> NodeKey:
     """Create a SuperNode's P-384 EC key pair: ``directory/name`` (0600) and ``directory/name.pub``.
 
     Flower 1.42 requires an EC key on a NIST curve; the private key is read by
     ``flower-supernode --auth-supernode-private-key`` and the public key by ``flwr supernode register``.
+
+    Parameters
+    ----------
+    directory : Path
+        Created ``0700`` if absent (an existing directory keeps its mode).
+    name : str
+        The key's file name.
+    overwrite : bool, default False
+        False: refuse when either file, or a symlink, is already there (a node key is an
+        identity: overwriting it loses the registered node id). True: replace both atomically
+        (throwaway keys); a symlink at either path is replaced, never followed.
+
+    Raises
+    ------
+    FileExistsError
+        Without ``overwrite``, when ``directory/name`` or ``directory/name.pub`` exists.
     """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
         raise ValueError(f"make_node_key: name {name!r} must be letters, digits, '_', '.', '-' (it names files)")
-    directory.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
+    if not directory.exists():
+        ensure_private_dir(directory)
     pair = NodeKey(directory / name, directory / f"{name}.pub")
-    _write_secret(pair.private_key, key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()))
-    pair.public_key.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {name}\n".encode())
+    if not overwrite:
+        for path in (pair.private_key, pair.public_key):
+            if os.path.lexists(path):
+                raise FileExistsError(f"{path} already exists (or is a symlink); refusing to overwrite a node key: "
+                                      "remove it first, or pick another name")
+    key = ec.generate_private_key(ec.SECP384R1())
+    write_private_file(pair.private_key, key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()),
+        overwrite=overwrite)
+    write_public_file(pair.public_key, key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH) + f" {name}\n".encode(),
+        overwrite=overwrite)
     return pair
 
 
@@ -179,13 +215,6 @@ def _san(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host)
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    # Created 0600 from the start: a private key is never readable by others, not even briefly.
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 # --------------------------------------------------------------------------- ports, config
@@ -485,7 +514,9 @@ class LocalDeployment:
     ----------
     workdir : Path
         Holds everything: ``tls/``, ``keys/``, ``flwr-home/`` (FLWR_HOME), ``superlink/`` (its
-        database), ``logs/`` and the run directory.
+        database), ``logs/`` and the run directory. The work directory and each of these is made
+        ``0700`` (refused when it is a symlink or another user's): they hold private keys, the
+        SuperLink's state and the run's records.
     project_dir : Path
         The Flower App to run (the repository by default).
     grace : float
@@ -499,8 +530,8 @@ class LocalDeployment:
         self.project_dir = project_dir.resolve()
         self.logs = self.workdir / "logs"
         self.flwr_home = self.workdir / "flwr-home"
-        for path in (self.workdir, self.logs, self.flwr_home, self.workdir / "superlink"):
-            path.mkdir(parents=True, exist_ok=True)
+        for path in (self.workdir, self.logs, self.flwr_home, self.workdir / "superlink", self.workdir / "keys"):
+            ensure_private_dir(path)
         self.env = flower_environment(self.flwr_home)
         self.tls = make_tls_files(self.workdir / "tls")
         self.port = free_ports(1)[0]
@@ -511,7 +542,8 @@ class LocalDeployment:
         self.node_keys: dict[str, NodeKey] = {}
         # Where each SuperNode's latest start begins in its log (a restart appends to the same log).
         self._log_offsets: dict[str, int] = {}
-        (self.flwr_home / "config.toml").write_text(connection_toml(CONNECTION_NAME, self.address, self.tls.ca_cert))
+        write_public_file(self.flwr_home / "config.toml",
+                          connection_toml(CONNECTION_NAME, self.address, self.tls.ca_cert).encode(), overwrite=True)
 
     def __enter__(self) -> LocalDeployment:
         return self
@@ -646,7 +678,7 @@ class LocalDeployment:
     def run(self, run_config: Mapping[str, RunConfigValue], timeout: float = 600.0) -> int:
         """``flwr run . CONNECTION --stream --run-config FILE`` from the project dir; return its exit code."""
         config_file = self.workdir / "run-config.toml"
-        config_file.write_text(run_config_toml(run_config))
+        write_public_file(config_file, run_config_toml(run_config).encode(), overwrite=True)
         process = self.supervisor.spawn([flower_executable("flwr"), "run", ".", CONNECTION_NAME, "--stream",
                                          "--run-config", config_file], self.log("flwr-run"), self.env,
                                         cwd=self.project_dir)
@@ -715,13 +747,13 @@ def run_local_deployment(workdir: Path, num_nodes: int = 2, rounds: int = 2,
                                          "out": str(run_dir)}
     config.update(run_config or {})
     with LocalDeployment(workdir, project_dir=project_dir) as deployment:
-        keys = {f"node-{i}": make_node_key(workdir / "keys", f"node-{i}") for i in range(num_nodes)}
+        keys = {f"node-{i}": make_node_key(workdir / "keys", f"node-{i}", overwrite=True) for i in range(num_nodes)}
         deployment.start_superlink()
         node_ids = {name: deployment.register(key) for name, key in keys.items()}
         for i, (name, key) in enumerate(keys.items()):
             deployment.start_supernode(name, key, {"partition-id": i, "num-partitions": num_nodes})
         if check_unregistered:
-            intruder = make_node_key(workdir / "keys", "unregistered")
+            intruder = make_node_key(workdir / "keys", "unregistered", overwrite=True)
             deployment.start_supernode("unregistered", intruder, {"partition-id": 0, "num-partitions": num_nodes})
         for name, node_id in node_ids.items():
             if (logged := deployment.wait_for_node_id(name)) != node_id:
@@ -798,7 +830,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "node-key":
-        pair = make_node_key(args.out, args.name)
+        try:
+            pair = make_node_key(args.out, args.name)
+        except (OSError, ValueError) as err:
+            print(f"node-key failed: {err}", file=sys.stderr)
+            return 1
         print(f"private key {pair.private_key} (keep it on the SuperNode)\npublic key  {pair.public_key} "
               f"(give it to the SuperLink operator: flwr supernode register {pair.public_key} <connection>)")
         return 0

@@ -108,6 +108,68 @@ def test_node_key_name_must_be_a_plain_file_name(tmp_path, name):
         make_node_key(tmp_path, name)
 
 
+# --------------------------------------------------------------------------- secrets and directory modes
+
+
+def _mode(path: Path) -> int:
+    return os.lstat(path).st_mode & 0o7777
+
+
+def test_a_symlink_planted_at_the_server_key_is_replaced_not_followed(tmp_path):
+    # Issue 14, item 10: key files were written through a symlink and kept a pre-existing mode.
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    (tls_dir / "server.key").symlink_to(victim)
+    (tls_dir / "ca.crt").symlink_to(victim)
+    tls = make_tls_files(tls_dir)
+    assert victim.read_text() == "precious"
+    assert not tls.server_key.is_symlink() and _mode(tls.server_key) == 0o600
+    assert not tls.ca_cert.is_symlink()
+    serialization.load_pem_private_key(tls.server_key.read_bytes(), None)
+
+
+def test_a_permissive_old_server_key_does_not_keep_its_mode(tmp_path):
+    first = make_tls_files(tmp_path / "tls")
+    first.server_key.chmod(0o644)
+    again = make_tls_files(tmp_path / "tls")
+    assert _mode(again.server_key) == 0o600 and _mode(tmp_path / "tls") == 0o700
+
+
+def test_node_keys_are_never_overwritten_nor_written_through_a_symlink(tmp_path):
+    pair = make_node_key(tmp_path / "keys", "owner")
+    assert _mode(tmp_path / "keys") == 0o700
+    before = pair.private_key.read_bytes()
+    with pytest.raises(FileExistsError, match="refusing to overwrite a node key"):
+        make_node_key(tmp_path / "keys", "owner")
+    assert pair.private_key.read_bytes() == before
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    (tmp_path / "keys" / "planted").symlink_to(victim)
+    with pytest.raises(FileExistsError):
+        make_node_key(tmp_path / "keys", "planted")
+    replaced = make_node_key(tmp_path / "keys", "planted", overwrite=True)  # throwaway keys of a local deployment
+    assert victim.read_text() == "precious" and _mode(replaced.private_key) == 0o600
+    assert main(["node-key", "owner", "--out", str(tmp_path / "keys")]) == 1
+
+
+def test_the_work_dir_and_superlink_state_are_private(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    workdir.chmod(0o755)
+    deployment = LocalDeployment(workdir)  # starts nothing until start_superlink
+    for path in (workdir, workdir / "superlink", workdir / "flwr-home", workdir / "logs", workdir / "keys",
+                 workdir / "tls"):
+        assert _mode(path) == 0o700, path
+    assert _mode(deployment.tls.server_key) == 0o600
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "superlink").symlink_to(tmp_path / "attacker", target_is_directory=True)
+    (tmp_path / "attacker").mkdir()
+    with pytest.raises(OSError, match="superlink is a symlink"):
+        LocalDeployment(tmp_path / "elsewhere")
+
+
 # --------------------------------------------------------------------------- ports, config, checks
 
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 import json
+import os
+import shutil
 import subprocess
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +17,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from client import integrity
+from client.data import export_partitions
 from client.integrity import (
     MANIFEST_NAME,
     SIGNATURE_NAME,
@@ -62,7 +68,7 @@ def data_dir(tmp_path: Path, owner_key: Ed25519PrivateKey) -> Path:
 
 def test_manifest_lists_every_data_file_with_its_sha256(data_dir: Path) -> None:
     manifest = json.loads((data_dir / MANIFEST_NAME).read_text())
-    assert manifest["version"] == 1
+    assert manifest["version"] == 2
     assert sorted(manifest["files"]) == ["docs/README.txt", "part-0.npz", "part-1.npz"]
     for relative, digest in manifest["files"].items():
         assert hashlib.sha256((data_dir / relative).read_bytes()).hexdigest() == digest
@@ -154,7 +160,12 @@ def test_requiring_a_signature_without_a_key_is_a_usage_error(data_dir: Path) ->
     ("manifest", "reason"),
     [
         ("{not json", "malformed manifest"),
-        ('{"version": 2, "files": {}}', "unsupported manifest"),
+        ('{"version": 3, "files": {}}', "unsupported manifest"),
+        ('{"version": 1, "files": {}, "partition-id": 1}', "version 1 has no 'partition-id'"),
+        ('{"version": 2, "files": {}, "partition-id": -1}', "'partition-id' must be >= 0"),
+        ('{"version": 2, "files": {}, "dataset-version": "3"}', "'dataset-version' must be an integer"),
+        ('{"version": 2, "files": {}, "expires": "2030-01-01T00:00:00"}', "has no time zone"),
+        ('{"version": 2, "files": {}, "expires": "soon"}', "not an ISO 8601 time"),
         ('{"version": 1, "files": {"../outside.npz": "' + "0" * 64 + '"}}', "unsafe path"),
         ('{"version": 1, "files": {"/etc/passwd": "' + "0" * 64 + '"}}', "unsafe path"),
         ('{"version": 1, "files": {"part-0.npz": "xyz"}}', "malformed digest"),
@@ -358,3 +369,260 @@ def test_cli_keygen_sign_and_verify(tmp_path: Path) -> None:
     (directory / "part.npz").write_bytes(b"swapped")
     refused = _cli("verify", str(directory), "--pubkey", str(public))
     assert refused.returncode == 1 and "part.npz: SHA-256 differs" in refused.stderr
+
+
+def test_cli_keygen_never_overwrites_a_key(tmp_path: Path) -> None:
+    private, public = tmp_path / "owner.pem", tmp_path / "owner.pub.pem"
+    assert _cli("keygen", str(private), str(public)).returncode == 0
+    before = private.read_bytes()
+    again = _cli("keygen", str(private), str(tmp_path / "other.pub.pem"))
+    assert again.returncode == 1 and "already exists" in again.stderr
+    assert private.read_bytes() == before and not (tmp_path / "other.pub.pem").exists()
+
+
+# --------------------------------------------------------------------------- item 5: one read, no swap
+
+
+def _poisoned_copy(data_dir: Path, staging: Path) -> dict[str, Path]:
+    """What an attacker without the key stages: relabelled data and a manifest whose hashes match it.
+
+    The old manifest.sig stays in place (the attacker cannot sign). Returns name -> staged file.
+    """
+    staging.mkdir()
+    shutil.copytree(data_dir, staging / "dir")
+    x, y = _clean_arrays(seed=1)
+    np.savez(staging / "dir" / "part-1.npz", x=x, y=np.full_like(y, 3))
+    signature = (staging / "dir" / SIGNATURE_NAME).read_bytes()
+    write_manifest(staging / "dir")  # consistent hashes, unsigned...
+    (staging / "dir" / SIGNATURE_NAME).write_bytes(signature)  # ...under the genuine, now stale, signature
+    return {name: staging / "dir" / name for name in ("part-1.npz", MANIFEST_NAME)}
+
+
+class _SwapAfterAccess:
+    """Counts every open/read of a file under ``data_dir`` by client.integrity; after access number
+    ``swap_at`` it renames the attacker's files into place (an open descriptor keeps the old inode,
+    as with a real rename race)."""
+
+    def __init__(self, data_dir: Path, staged: dict[str, Path] | None, swap_at: int | None) -> None:
+        self.data_dir, self.staged, self.swap_at, self.accesses = data_dir, staged, swap_at, 0
+
+    def _after_access(self, path: object) -> None:
+        if Path(str(path)).resolve().parent != self.data_dir.resolve():
+            return
+        self.accesses += 1
+        if self.accesses == self.swap_at and self.staged:
+            for name, staged in self.staged.items():
+                os.replace(staged, self.data_dir / name)
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        real_open, real_read_bytes = builtins.open, Path.read_bytes
+
+        def counting_open(file, *args, **kwargs):
+            handle = real_open(file, *args, **kwargs)
+            self._after_access(file)
+            return handle
+
+        def counting_read_bytes(path: Path) -> bytes:
+            data = real_read_bytes(path)
+            self._after_access(path)
+            return data
+
+        # client.integrity looks `open` up in its module globals first, then in builtins.
+        monkeypatch.setattr(integrity, "open", counting_open, raising=False)
+        monkeypatch.setattr(Path, "read_bytes", counting_read_bytes)
+
+
+def test_files_swapped_at_any_moment_get_a_refusal_or_the_signed_data_never_other_data(
+    data_dir: Path, owner_key: Ed25519PrivateKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 14, item 5: the signature was checked over one read of manifest.json and the hashes
+    # taken from a second read, so a manifest swapped in between got unsigned data accepted.
+    def load(directory: Path) -> tuple[np.ndarray, np.ndarray, str]:
+        return load_verified_npz(directory / "part-1.npz", public_key=owner_key.public_key(),
+                                 require_signature=True, num_classes=NUM_CLASSES)
+
+    clean = _SwapAfterAccess(data_dir, None, None)
+    with monkeypatch.context() as patch:
+        clean.install(patch)
+        genuine_x, genuine_y, genuine_digest = load(data_dir)
+    assert clean.accesses >= 3  # manifest, signature, the data files
+    outcomes = []
+    for swap_at in range(1, clean.accesses + 1):
+        directory = tmp_path / f"swap-{swap_at}"
+        shutil.copytree(data_dir, directory)
+        staged = _poisoned_copy(directory, tmp_path / f"staging-{swap_at}")
+        swapper = _SwapAfterAccess(directory, staged, swap_at)
+        with monkeypatch.context() as patch:
+            swapper.install(patch)
+            try:
+                x, y, digest = load(directory)
+            except DataIntegrityError as refused:
+                outcomes.append(("refused", swap_at, str(refused)))
+                continue
+        assert swapper.accesses >= swap_at, "the swap never happened"
+        np.testing.assert_array_equal(y, genuine_y, err_msg=f"swap after access {swap_at}: poisoned labels accepted")
+        np.testing.assert_array_equal(x, genuine_x)
+        assert digest == genuine_digest
+        outcomes.append(("genuine", swap_at, digest))
+    assert any(kind == "refused" for kind, *_ in outcomes)
+
+
+def test_the_digest_returned_is_of_the_manifest_bytes_that_were_verified(
+    data_dir: Path, owner_key: Ed25519PrivateKey, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    genuine = verify_manifest(data_dir, public_key=owner_key.public_key())
+    staged = _poisoned_copy(data_dir, tmp_path / "staging")
+    swapper = _SwapAfterAccess(data_dir, {MANIFEST_NAME: staged[MANIFEST_NAME]}, 1)  # right after the first read
+    swapper.install(monkeypatch)
+    manifest = integrity.read_verified_manifest(data_dir, public_key=owner_key.public_key())
+    assert manifest.digest == genuine and manifest.signed
+    assert (data_dir / MANIFEST_NAME).read_bytes() != b""  # the file on disk is the attacker's by now
+    assert hashlib.sha256((data_dir / MANIFEST_NAME).read_bytes()).hexdigest() != genuine
+
+
+# --------------------------------------------------------------------------- item 6: bindings
+
+
+NOW = datetime(2026, 6, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def _bound_dir(tmp_path: Path, key: Ed25519PrivateKey | None, **bindings: object) -> Path:
+    directory = tmp_path / "bound"
+    directory.mkdir()
+    x, y = _clean_arrays(seed=2)
+    np.savez(directory / "train.npz", x=x, y=y)
+    write_manifest(directory, private_key=key, **bindings)
+    return directory
+
+
+def _load_bound(directory: Path, key: Ed25519PrivateKey | None, **expected: object):
+    return load_verified_npz(directory / "train.npz", public_key=key.public_key() if key else None,
+                             require_signature=key is not None, num_classes=NUM_CLASSES, now=NOW, **expected)
+
+
+def test_a_signed_manifest_binds_dataset_partition_version_and_expiry(
+    tmp_path: Path, owner_key: Ed25519PrivateKey
+) -> None:
+    directory = _bound_dir(tmp_path, owner_key, dataset_id="clinic-2026", partition_id=3, version=4,
+                           expires="2026-12-31T00:00:00+00:00")
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    assert (manifest["dataset-id"], manifest["partition-id"], manifest["dataset-version"], manifest["expires"]) == (
+        "clinic-2026", 3, 4, "2026-12-31T00:00:00Z")
+    _, _, digest = _load_bound(directory, owner_key, expected_dataset="clinic-2026", expected_partition=3,
+                               min_version=4)
+    assert digest == hashlib.sha256((directory / MANIFEST_NAME).read_bytes()).hexdigest()
+    _load_bound(directory, owner_key, expected_partition="3", min_version=2)  # "3" and 3 are the same partition
+
+
+@pytest.mark.parametrize(
+    ("expected", "message"),
+    [
+        ({"expected_partition": 2}, r"manifest partition-id is 3, this node expects 2"),
+        ({"expected_dataset": "clinic-2025"}, r"manifest dataset-id is 'clinic-2026', this node expects 'clinic-2025'"),
+        ({"min_version": 5}, r"manifest dataset-version is 4, this node expects >= 5"),
+    ],
+)
+def test_a_binding_other_than_the_node_expects_is_refused_naming_field_and_both_values(
+    tmp_path: Path, owner_key: Ed25519PrivateKey, expected: dict, message: str
+) -> None:
+    directory = _bound_dir(tmp_path, owner_key, dataset_id="clinic-2026", partition_id=3, version=4)
+    with pytest.raises(DataIntegrityError, match=message) as caught:
+        _load_bound(directory, owner_key, **expected)
+    assert caught.value.path == directory / MANIFEST_NAME
+
+
+def test_one_partitions_signed_folder_is_refused_as_another_partitions(
+    tmp_path: Path, owner_key: Ed25519PrivateKey
+) -> None:
+    folders = export_partitions("digits", 3, 0.0, 0, tmp_path / "data", private_key=owner_key)
+    public = owner_key.public_key()
+    for partition_id, folder in enumerate(folders):
+        load_verified_npz(folder / "train.npz", public_key=public, require_signature=True, num_classes=10,
+                          expected_dataset="digits", expected_partition=partition_id)
+    # Node 2 is handed node 0's intact, correctly signed folder.
+    with pytest.raises(DataIntegrityError, match="manifest partition-id is 0, this node expects 2"):
+        load_verified_npz(folders[0] / "train.npz", public_key=public, require_signature=True, num_classes=10,
+                          expected_dataset="digits", expected_partition=2)
+
+
+def test_an_expired_manifest_is_refused_naming_both_times(tmp_path: Path, owner_key: Ed25519PrivateKey) -> None:
+    directory = _bound_dir(tmp_path, owner_key, expires=datetime(2026, 6, 1, 11, 59, tzinfo=timezone.utc))
+    with pytest.raises(DataIntegrityError, match=r"expires is 2026-06-01T11:59:00Z, it is now 2026-06-01T12:00:00Z"):
+        _load_bound(directory, owner_key)
+    with pytest.raises(DataIntegrityError, match="expired"):
+        _load_bound(directory, None)  # an expiry is honoured even when nobody checks the signature
+    load_verified_npz(directory / "train.npz", num_classes=NUM_CLASSES,
+                      now=datetime(2026, 6, 1, 11, 58, tzinfo=timezone.utc))
+
+
+def test_a_signed_manifest_without_the_expected_binding_is_refused(
+    tmp_path: Path, owner_key: Ed25519PrivateKey
+) -> None:
+    directory = _bound_dir(tmp_path, owner_key)  # signed, but binds nothing: any partition's, any release
+    with pytest.raises(DataIntegrityError, match=r"signed manifest binds no partition-id, this node expects 1"):
+        _load_bound(directory, owner_key, expected_partition=1)
+    with pytest.raises(DataIntegrityError, match=r"binds no dataset-version, this node expects >= 2"):
+        _load_bound(directory, owner_key, min_version=2)
+    _load_bound(directory, owner_key)  # no expectation: accepted as before
+
+
+def test_unsigned_manifests_keep_working_and_a_differing_binding_still_catches_a_mix_up(tmp_path: Path) -> None:
+    directory = _bound_dir(tmp_path, None)
+    _load_bound(directory, None, expected_dataset="digits", expected_partition=1, min_version=1)
+    write_manifest(directory, partition_id=0)
+    with pytest.raises(DataIntegrityError, match="partition-id is 0, this node expects 1"):
+        _load_bound(directory, None, expected_partition=1)
+
+
+def test_a_version_1_manifest_still_verifies(tmp_path: Path) -> None:
+    directory = tmp_path / "old"
+    directory.mkdir()
+    (directory / "a.bin").write_bytes(b"abc")
+    (directory / MANIFEST_NAME).write_text(json.dumps({"version": 1, "files": {
+        "a.bin": hashlib.sha256(b"abc").hexdigest()}}))
+    assert verify_manifest(directory, expected_partition=4) == hashlib.sha256(
+        (directory / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def test_the_signature_covers_the_bindings(tmp_path: Path, owner_key: Ed25519PrivateKey) -> None:
+    directory = _bound_dir(tmp_path, owner_key, partition_id=3, version=1)
+    manifest = json.loads((directory / MANIFEST_NAME).read_text())
+    manifest["partition-id"], manifest["dataset-version"] = 2, 9
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(DataIntegrityError, match=r"manifest\.sig: invalid signature"):
+        _load_bound(directory, owner_key, expected_partition=2)
+
+
+@pytest.mark.parametrize(
+    ("bindings", "error", "message"),
+    [
+        ({"expires": "2026-12-31T00:00:00"}, ValueError, "no time zone"),
+        ({"expires": datetime(2026, 12, 31)}, ValueError, "no time zone"),
+        ({"version": -1}, ValueError, "version must be an integer >= 0"),
+        ({"dataset_id": ""}, ValueError, "dataset_id"),
+        ({"partition_id": True}, TypeError, "partition_id"),
+    ],
+)
+def test_malformed_bindings_are_refused_when_signing(tmp_path: Path, bindings: dict, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        write_manifest(tmp_path, **bindings)
+
+
+def test_cli_signs_bindings_and_verify_checks_them(tmp_path: Path) -> None:
+    directory = tmp_path / "data"
+    directory.mkdir()
+    np.savez(directory / "train.npz", x=np.zeros((2, 2), np.float32), y=np.zeros(2, np.int64))
+    private, public = tmp_path / "owner.pem", tmp_path / "owner.pub.pem"
+    assert _cli("keygen", str(private), str(public)).returncode == 0
+    signed = _cli("sign", str(directory), "--key", str(private), "--dataset-id", "clinic", "--partition-id", "3",
+                  "--version", "2", "--expires", "2999-01-01T00:00:00Z")
+    assert signed.returncode == 0, signed.stderr
+    ok = _cli("verify", str(directory), "--pubkey", str(public), "--dataset-id", "clinic", "--partition-id", "3",
+              "--min-version", "2")
+    assert ok.returncode == 0, ok.stderr
+    wrong = _cli("verify", str(directory), "--pubkey", str(public), "--partition-id", "4")
+    assert wrong.returncode == 1 and "manifest partition-id is 3, this node expects 4" in wrong.stderr
+    expired = _cli("sign", str(directory), "--key", str(private), "--expires", "2000-01-01T00:00:00Z")
+    assert expired.returncode == 0
+    refused = _cli("verify", str(directory), "--pubkey", str(public))
+    assert refused.returncode == 1 and "expired" in refused.stderr
