@@ -27,10 +27,19 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from aggregators.base import AggregationResult, check_max_chunk_bytes, chunk_budget, validate_updates, validate_weights
+from aggregators.base import (
+    AggregationResult,
+    check_max_chunk_bytes,
+    chunk_budget,
+    row_sums,
+    validate_updates,
+    validate_weights,
+)
+from aggregators.blocks import as_numpy, uses_numpy
 from aggregators.geometry import weighted_mean_rows
 from aggregators.registry import register, register_pre
 from aggregators.similarity import cosine_similarities
@@ -99,6 +108,34 @@ def foolsgold_weights(similarity: Tensor, kappa: float = 1.0) -> Tensor:
     return torch.where(positive, logit, torch.zeros_like(alpha)).clamp(min=0.0, max=1.0)
 
 
+def _add_histories(updates: Tensor, pasts: List[Optional[Tensor]]) -> Tensor:
+    """``(n, d)`` stack of ``pasts[i] + updates[i]`` (``updates[i]`` where there is no past), in the
+    updates' dtype and on their device; numpy on CPU (torch's element-wise CPU threads crawl on a
+    loaded machine, see :mod:`aggregators.blocks`)."""
+    stacked = torch.empty_like(updates, memory_format=torch.contiguous_format)
+    if uses_numpy(updates):
+        x, out = as_numpy(updates), as_numpy(stacked)
+        for row, past in enumerate(pasts):
+            if past is None:
+                np.copyto(out[row], x[row])
+            else:
+                np.add(as_numpy(past.to(device="cpu", dtype=updates.dtype)), x[row], out=out[row])
+        return stacked
+    for row, past in enumerate(pasts):
+        if past is None:
+            stacked[row] = updates[row]
+        else:
+            torch.add(past.to(device=updates.device, dtype=updates.dtype), updates[row], out=stacked[row])
+    return stacked
+
+
+def _split_rows(stacked: Tensor) -> List[Tensor]:
+    """The rows of ``stacked`` as separate tensors (own memory each)."""
+    if uses_numpy(stacked):
+        return [torch.from_numpy(row.copy()) for row in as_numpy(stacked)]
+    return [row.clone() for row in stacked.unbind(0)]
+
+
 class FoolsGoldHistory:
     """The per-client sums of updates and the weights they give (shared by rule and step).
 
@@ -135,23 +172,21 @@ class FoolsGoldHistory:
             )
         if ids is None:
             ids = list(range(n))
-        totals = []
-        for row, client in enumerate(ids):
+        pasts = []
+        for client in ids:
             past = self.history.get(client)
-            if past is None:
-                totals.append(updates[row].clone())  # never alias the caller's stack
-                continue
-            if past.shape != (d,):
+            if past is not None and past.shape != (d,):
                 raise ValueError(f"{self.label}: client {client} has a history of {past.shape[0]} values, this update has {d}")
-            totals.append(past.to(device=updates.device, dtype=updates.dtype) + updates[row])
-        stacked = torch.stack(totals)
-        if not bool(torch.isfinite(stacked).all()):
-            bad = [client for client, total in zip(ids, totals) if not bool(torch.isfinite(total).all())]
+            pasts.append(past)
+        stacked = _add_histories(updates, pasts)
+        suspects = torch.nonzero(~torch.isfinite(row_sums(stacked))).flatten().tolist()
+        bad = [ids[row] for row in suspects if not bool(torch.isfinite(stacked[row]).all())]
+        if bad:
             raise ValueError(f"{self.label}: the summed history of clients {bad} overflows")
         similarity, _ = cosine_similarities(stacked, budget)
         weights = foolsgold_weights(similarity, self.kappa)
         # One tensor per client (not views of ``stacked``): a replaced history frees its memory.
-        self.history.update(zip(ids, totals))
+        self.history.update(zip(ids, _split_rows(stacked)))
         self.keyed_by = keyed_by
         return weights
 

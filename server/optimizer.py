@@ -151,30 +151,34 @@ class ServerOptimizer:
         if self.is_plain:
             self.steps += 1
             return global_vector + aggregate_update.to(device=device, dtype=dtype)
-        delta = aggregate_update.to(device=device, dtype=torch.float64)
+        # float64 state, updated in place (state_dict and load_state_dict copy, so no snapshot aliases it).
+        delta = aggregate_update.to(device=device, dtype=torch.float64, copy=True)
         if self.kind == "sgd":
             direction = delta
             if self.momentum > 0.0:
-                previous = self.momentum_buffer
-                direction = delta if previous is None else self.momentum * previous.to(device) + delta
-                self.momentum_buffer = direction
+                if self.momentum_buffer is None:
+                    self.momentum_buffer = delta
+                else:
+                    self.momentum_buffer = self.momentum_buffer.to(device).mul_(self.momentum).add_(delta)
+                direction = self.momentum_buffer
             self.steps += 1
-            return (global_vector.to(torch.float64) + self.lr * direction).to(dtype)
+            return global_vector.to(torch.float64, copy=True).add_(direction, alpha=self.lr).to(dtype)
         first = torch.zeros_like(delta) if self.first_moment is None else self.first_moment.to(device)
         second = torch.zeros_like(delta) if self.second_moment is None else self.second_moment.to(device)
-        first = self.beta1 * first + (1.0 - self.beta1) * delta
-        squared = delta.square()
+        first.mul_(self.beta1).add_(delta, alpha=1.0 - self.beta1)
+        squared = delta.square_()
         if self.kind == "adam":
-            second = self.beta2 * second + (1.0 - self.beta2) * squared
+            second.mul_(self.beta2).add_(squared, alpha=1.0 - self.beta2)
         else:
-            second = second - (1.0 - self.beta2) * squared * torch.sign(second - squared)
+            second.addcmul_(squared, torch.sign(second - squared), value=-(1.0 - self.beta2))
         self.first_moment, self.second_moment = first, second
         self.steps += 1
         rate = self.lr
         if self.bias_correction:
             t = self.steps + 1.0
             rate = self.lr * math.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t)
-        return (global_vector.to(torch.float64) + rate * first / (second.sqrt() + self.tau)).to(dtype)
+        denominator = second.sqrt().add_(self.tau)
+        return global_vector.to(torch.float64, copy=True).addcdiv_(first, denominator, value=rate).to(dtype)
 
     def state_dict(self) -> Dict[str, Any]:
         """Plain data for a checkpoint: the kind, the step count and copies of the buffers (or None)."""

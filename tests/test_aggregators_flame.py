@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import aggregators
 from aggregators.flame import FlameFilter, majority_cluster
+from aggregators.similarity import cosine_similarities
 
 FAST = settings(
     max_examples=int(os.environ.get("PHALANX_HYPOTHESIS_EXAMPLES", 25)),
@@ -137,17 +138,36 @@ def test_identical_rows_are_all_admitted() -> None:
 
 
 def test_duplicates_are_treated_alike_wherever_they_sit() -> None:
-    # Eleven copies of one row: BLAS rounds the products of a row with itself and with its copies
-    # differently (cosine 1 - 1e-16 against 1), which without the rounding tolerance made HDBSCAN
-    # reject two of the copies and admit the others, depending on their position.
-    g = torch.Generator().manual_seed(96)
+    # Ten copies of one row and two zero rows. BLAS rounds the product of a row with itself and
+    # with its copies differently (cosine 1 - 1e-16 against 1); taken at face value, that made
+    # HDBSCAN admit eight of the copies and reject two (this stack), depending on their position.
+    g = torch.Generator().manual_seed(16)
     x = torch.randn(12, 20, generator=g)
-    x[:11] = x[0].clone()
+    x[:10] = x[0].clone()
     x[10:] = 0.0
-    perm = torch.tensor([6, 5, 3, 2, 11, 1, 9, 7, 0, 4, 8, 10])
+    cosine, _ = cosine_similarities(x, 1 << 20)
+    assert bool((cosine[:10, :10] == 1.0).all())
     out = aggregators.build("flame", noise_lambda=0.0)(x)
     assert out.selected.tolist() == [True] * 10 + [False] * 2
+    perm = torch.randperm(12, generator=g)
     assert torch.equal(aggregators.build("flame", noise_lambda=0.0)(x[perm]).selected, out.selected[perm])
+
+
+def test_a_majority_made_of_two_close_groups_is_admitted_as_one() -> None:
+    # Honest clients in two groups (4 and 3 rows, directions at cosine 0.8) and 3 backdoor rows.
+    # Only a majority may form a cluster (min_cluster_size = n // 2 + 1 = 6): the two honest
+    # groups are one cluster and the backdoor is out. With small clusters allowed, the largest
+    # would be a 4-row group, no majority, and FLAME would have to admit everyone.
+    g = torch.Generator().manual_seed(8)
+    d = 100
+    u, v, w = torch.zeros(3, d, dtype=torch.float64)
+    u[0] = 1.0
+    v[0], v[1] = 0.8, 0.6
+    w[2] = 1.0
+    noise = 0.01 * torch.randn(10, d, generator=g, dtype=torch.float64)
+    x = torch.cat([u.repeat(4, 1), v.repeat(3, 1), 3.0 * w.repeat(3, 1)]) + noise
+    out = aggregators.build("flame", noise_lambda=0.0)(x)
+    assert not bool(out.selected[7:].any()) and int(out.selected[:7].sum()) >= 6
 
 
 def test_zero_rows_are_orthogonal_to_the_rest() -> None:
@@ -235,3 +255,18 @@ def test_step_mixing_reproduces_its_rows(n: int, d: int, seed: int) -> None:
     assert torch.allclose(clipped, mixing @ x, rtol=1e-12, atol=1e-14)
     # One client per row, each at most once.
     assert bool(((mixing != 0).sum(dim=1) <= 1).all()) and bool(((mixing != 0).sum(dim=0) <= 1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_torch_kernels_of_other_devices_agree(dtype: torch.dtype) -> None:
+    # On CUDA (or for dtypes numpy lacks) the Gram pass runs in torch: same admission, same output.
+    from aggregators.blocks import portable_kernels
+
+    x = backdoor_round(4, dtype=dtype)
+    numpy_path = aggregators.build("flame")(x)
+    with portable_kernels():
+        torch_path = aggregators.build("flame")(x)
+    assert torch.equal(torch_path.selected, numpy_path.selected) and not bool(torch_path.selected[7:].any())
+    assert torch_path.vector.dtype == dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    assert torch.allclose(torch_path.vector.double(), numpy_path.vector.double(), rtol=tol, atol=tol)

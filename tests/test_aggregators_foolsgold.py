@@ -272,3 +272,19 @@ def test_properties_on_random_rounds(n: int, d: int, rounds: int, seed: int, dty
         assert torch.allclose(shuffled.vector, out.vector, rtol=tol, atol=tol)
         # At least the least similar client keeps a full weight (unless all histories have twins).
         assert float(out.scores.min()) == 0.0 or not bool(out.selected.any())
+
+
+def test_the_torch_kernels_of_other_devices_agree() -> None:
+    from aggregators.blocks import portable_kernels
+
+    g = torch.Generator().manual_seed(7)
+    stacks = [sybil_round(g, dtype=torch.float32) for _ in range(3)]
+    ids = HONEST_IDS + SYBIL_IDS
+    numpy_rule, torch_rule = aggregators.build("foolsgold"), aggregators.build("foolsgold")
+    for x in stacks:
+        want = numpy_rule(x, client_ids=ids)
+        with portable_kernels():
+            got = torch_rule(x, client_ids=ids)
+        assert torch.equal(got.selected, want.selected)
+        assert torch.allclose(got.scores, want.scores, rtol=1e-9, atol=1e-12)
+        assert torch.allclose(got.vector, want.vector, rtol=1e-6, atol=1e-7)
