@@ -9,11 +9,12 @@
 Rules are callables ``rule(updates, weights=None) -> AggregationResult`` over an ``(n, d)``
 stack. Optional capabilities a server can probe with ``getattr``: ``sensitivity(clip_norm, n)``,
 ``state_dict()`` / ``load_state_dict(d)``, ``needs_trusted_update`` with
-``set_trusted_update(vector)``, and ``uses_weights`` (whether ``weights`` changes the output).
+``set_trusted_update(vector)``, ``uses_weights`` (whether ``weights`` changes the output), and
+``uses_client_ids`` (the rule takes ``client_ids=``, one int per row, and keys its state by them).
 
 Rules: mean, median, trimmed-mean, meamed, krum, multi-krum, bulyan, geometric-median,
-centered-clipping, dnc, signsgd-majority, fltrust. Pre-aggregation steps: clip, arc, nnm,
-bucketing (``build(name, pre=[...])``).
+centered-clipping, dnc, signsgd-majority, fltrust, flame, foolsgold. Pre-aggregation steps: clip,
+arc, nnm, bucketing, flame, foolsgold (``build(name, pre=[...])``).
 """
 
 from aggregators.base import AggregationResult
@@ -26,6 +27,8 @@ from aggregators import geometric as _geometric  # noqa: F401
 from aggregators import dnc as _dnc  # noqa: F401
 from aggregators import fltrust as _fltrust  # noqa: F401
 from aggregators import sign_majority as _sign_majority  # noqa: F401
+from aggregators import flame as _flame  # noqa: F401
+from aggregators import foolsgold as _foolsgold  # noqa: F401
 from aggregators import pre as _pre  # noqa: F401
 
 __all__ = ["AggregationResult", "available", "available_pre", "build", "register", "register_pre", "unregister"]

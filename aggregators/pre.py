@@ -202,6 +202,45 @@ def _label(step: Any) -> str:
     return str(getattr(step, "name", type(step).__name__))
 
 
+def _uses_client_ids(part: Any) -> bool:
+    return bool(getattr(part, "uses_client_ids", False))
+
+
+#: Per-row client ids through a chain: an id, or the names of the steps that mixed the row's
+#: clients (a string) once it holds more than one client.
+RowIds = List[Any]
+
+
+def _check_ids(label: str, client_ids: Optional[Sequence[int]], n: int) -> Optional[RowIds]:
+    if client_ids is None:
+        return None
+    ids = client_ids.tolist() if isinstance(client_ids, Tensor) else list(client_ids)
+    if len(ids) != n:
+        raise ValueError(f"{label}: got {len(ids)} client_ids for {n} rows")
+    return ids
+
+
+def _mixed_ids(row_ids: RowIds, mixing: Tensor, step: str) -> RowIds:
+    """The ids of a step's output rows: the one client a row is made from, else the step's name
+    (a row already mixed by an earlier step keeps that step's name)."""
+    sources = mixing != 0
+    single = (sources.sum(dim=1) == 1).tolist()
+    first = sources.to(torch.float64).argmax(dim=1).tolist()
+    return [row_ids[j] if one else step for one, j in zip(single, first)]
+
+
+def _ids_for(part: Any, row_ids: Optional[RowIds]) -> Optional[List[int]]:
+    if row_ids is None:
+        return None
+    mixed = sorted({r for r in row_ids if isinstance(r, str)})
+    if mixed:
+        raise ValueError(
+            f"{_label(part)}: needs one client per row, but step {mixed[0]!r} mixed several clients into one row; "
+            f"put {_label(part)!r} before it in the chain"
+        )
+    return list(row_ids)
+
+
 class PreAggregatedRule:
     """A rule preceded by pre-aggregation steps; built by ``build(name, pre=[...])``.
 
@@ -214,6 +253,14 @@ class PreAggregatedRule:
     Capabilities: ``needs_trusted_update``/``set_trusted_update``, ``uses_weights`` and
     ``sensitivity`` (only when every step offers ``transform_sensitivity``) follow the rule;
     ``state_dict``/``load_state_dict`` cover the rule and the stateful steps.
+
+    Client identities: when the rule or a step has ``uses_client_ids`` (FoolsGold keys its history
+    by client), so does the chain, and ``rule(updates, weights, client_ids=ids)`` passes each part
+    the ids of the rows it receives: a row made from exactly one client's row keeps that client's
+    id (clipping, FLAME's filter, FoolsGold's reweighting). A part that needs ids after a step has
+    mixed several clients into one row (``nnm``, ``bucketing``) raises ValueError. Without
+    ``client_ids`` the parts get None (their own fallback). Parts without ``uses_client_ids`` are
+    called exactly as before.
     """
 
     def __init__(self, rule: Any, steps: Sequence[PreStep]) -> None:
@@ -226,6 +273,7 @@ class PreAggregatedRule:
             self.set_trusted_update = rule.set_trusted_update
         if hasattr(rule, "sensitivity") and all(hasattr(step, "transform_sensitivity") for step in self.steps):
             self.sensitivity = self._sensitivity
+        self.uses_client_ids = any(_uses_client_ids(part) for part in [*self.steps, rule])
 
     def _sensitivity(self, clip_norm: float, n: int) -> float:
         """The rule's sensitivity on the rows the steps produce (see the module docstring)."""
@@ -233,15 +281,21 @@ class PreAggregatedRule:
             clip_norm, n = step.transform_sensitivity(clip_norm, n)  # type: ignore[attr-defined]
         return float(self.rule.sensitivity(clip_norm, n))
 
-    def __call__(self, updates: Tensor, weights: Optional[Tensor] = None) -> AggregationResult:
+    def __call__(
+        self, updates: Tensor, weights: Optional[Tensor] = None, client_ids: Optional[Sequence[int]] = None
+    ) -> AggregationResult:
         validate_updates(self.name, updates)
         current_weights = validate_weights(self.name, weights, updates)
         n = updates.shape[0]
+        row_ids = _check_ids(self.name, client_ids, n)
         total = torch.eye(n, dtype=torch.float64, device=updates.device)
         current = updates
         for step in self.steps:
             rows = current.shape[0]
-            current, mixing = step(current, current_weights)
+            if _uses_client_ids(step):
+                current, mixing = step(current, current_weights, client_ids=_ids_for(step, row_ids))
+            else:
+                current, mixing = step(current, current_weights)
             mixing = torch.as_tensor(mixing).to(device=updates.device, dtype=torch.float64)
             if mixing.shape != (current.shape[0], rows):
                 raise ValueError(
@@ -251,7 +305,12 @@ class PreAggregatedRule:
             total = mixing @ total
             if current_weights is not None:
                 current_weights = (mixing != 0).to(torch.float64) @ current_weights
-        result = self.rule(current, weights=current_weights)
+            if row_ids is not None:
+                row_ids = _mixed_ids(row_ids, mixing, _label(step))
+        if _uses_client_ids(self.rule):
+            result = self.rule(current, weights=current_weights, client_ids=_ids_for(self.rule, row_ids))
+        else:
+            result = self.rule(current, weights=current_weights)
         share = total.abs()  # (m, n): client j's share in row i
         contributes = share > 0
         mass = share.sum(dim=0)

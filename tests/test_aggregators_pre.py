@@ -18,7 +18,7 @@ def random_stack(seed: int, n: int, d: int) -> torch.Tensor:
 
 
 def test_available_pre_lists_the_steps() -> None:
-    assert aggregators.available_pre() == sorted(["arc", "bucketing", "clip", "nnm"])
+    assert aggregators.available_pre() == sorted(["arc", "bucketing", "clip", "nnm", "flame", "foolsgold"])
 
 
 # --- individual steps -------------------------------------------------------------------------
