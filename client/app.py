@@ -106,6 +106,9 @@ def _local_data(task: Task, settings: RunSettings, run_config: dict, context: Co
         require_signature=settings.require_signed_data,
         num_classes=info.num_classes,
         feature_range=info.feature_range,
+        expected_partition=partition_id,
+        expected_dataset=settings.data_dataset_id or None,
+        min_version=settings.data_min_version or None,
     )
     if x.shape[1:] != info.sample_shape:
         if int(np.prod(x.shape[1:])) != int(np.prod(info.sample_shape)):

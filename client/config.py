@@ -21,6 +21,8 @@ DP_MODES = ("off", "central", "client")
 POLICIES = ("flag", "exclude", "quarantine", "trust-weighted")
 #: Names accepted by the ``data-audit`` key.
 DATA_AUDIT_POLICIES = ("off", "report", "drop", "drop-and-review")
+#: Names accepted by the ``server-optimizer`` key.
+SERVER_OPTIMIZERS = ("sgd", "adam", "yogi")
 #: Names accepted by the ``partitioner`` key (``auto``: IID when ``alpha`` is 0, else Dirichlet).
 PARTITIONERS = ("auto", "iid", "dirichlet", "pathological", "shard")
 
@@ -42,6 +44,12 @@ class RunSettings:
     aggregator: str = "trimmed-mean"
     num_byzantine: int = 2
     pre_aggregation: str = ""
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
     rounds: int = 10
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.0
@@ -66,6 +74,8 @@ class RunSettings:
     data_dir: str = ""
     data_public_key: str = ""
     require_signed_data: bool = False
+    data_dataset_id: str = ""
+    data_min_version: int = 0
     audit_key: str = ""
     audit_anchor: str = ""
     resume: bool = False
@@ -125,6 +135,14 @@ class RunSettings:
             problems.append(f"max-update-norm must be a finite number >= 0 (0 = no bound), got {self.max_update_norm}")
         if self.max_num_examples < 1:
             problems.append(f"max-num-examples must be >= 1, got {self.max_num_examples}")
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            problems.append(f"server-optimizer must be one of {SERVER_OPTIMIZERS}, got {self.server_optimizer!r}")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            problems.append(f"server-lr must be a finite number > 0, got {self.server_lr}")
+        if not 0 <= self.server_momentum < 1:
+            problems.append(f"server-momentum must be in [0, 1), got {self.server_momentum}")
+        if self.data_min_version < 0:
+            problems.append(f"data-min-version must be >= 0 (0 = any), got {self.data_min_version}")
         if self.require_signed_data and not self.data_public_key:
             problems.append("require-signed-data needs data-public-key (the data owner's Ed25519 public key)")
         if problems:

@@ -20,6 +20,7 @@ from client.data import ArrayDataset
 from client.task import Task, as_arrays, load_task
 from client.wire import dtypes_of, load_arrays, to_arrays
 from server.hooks import SimulatedAttack, simulated_attack
+from server.optimizer import ServerOptimizer
 from server.run import RobustRun
 from server.scoring import detection_quality
 from server.settings import RunSettings
@@ -89,6 +90,9 @@ def build_strategy(settings: RunSettings, attack: SimulatedAttack | None, model_
         seed=settings.seed,
         interceptor=attack.intercept if attack is not None else None,
         model_dtypes=model_dtypes,
+        server_optimizer=ServerOptimizer(kind=settings.server_optimizer, lr=settings.server_lr,
+                                         momentum=settings.server_momentum, beta1=settings.server_beta1,
+                                         beta2=settings.server_beta2, tau=settings.server_tau),
     )
 
 

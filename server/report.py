@@ -159,7 +159,8 @@ def gather(summary: dict, csv_rows: list[dict] | None = None) -> RunData:
             partition = _partition(report)
             if partition is not None:
                 data.partitions[node] = partition
-            source = f"partition {partition}" if partition is not None else _data_source(report)
+            # The client says which partition it trains on; nothing verifies it: shown as a claim.
+            source = f"claims partition {partition}" if partition is not None else _data_source(report)
             if source:
                 data.data_sources[node] = source
     for row in csv_rows or []:
@@ -204,7 +205,7 @@ def _data_source(report) -> str:
 
 
 def _node_label(node: int, data: RunData) -> str:
-    label = f"{node} (p{data.partitions[node]})" if node in data.partitions else str(node)
+    label = f"{node} (claims p{data.partitions[node]})" if node in data.partitions else str(node)
     return f"{label} *" if node in data.malicious else label
 
 
@@ -375,7 +376,7 @@ def flagged_table(data: RunData) -> str:
     rows = flagged_rows(data)
     if not rows:
         return "<p>No client was flagged or rejected.</p>"
-    header = ("<tr><th>node</th><th>data</th><th>known attacker</th><th>rounds flagged</th><th>worst score (round)</th>"
+    header = ("<tr><th>node</th><th>data (as the client claims)</th><th>known attacker</th><th>rounds flagged</th><th>worst score (round)</th>"
               + "".join(f"<th>{name}</th>" for name in FEATURES)
               + "<th>reputation</th><th>rejections</th></tr>")
     body = []

@@ -57,7 +57,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result
 
-from server.audit import AuditLog, canonical_json
+from server.audit import AuditAnchor, AuditLog, anchor_from_spec, canonical_json, load_signing_key
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.monitor import TrainingMonitor
 from server.params import ParamSpec, arrays_to_vector, other_entries, vector_to_arrays
@@ -158,9 +158,13 @@ class RobustRun:
         Called with each finished round's record (Phalanx's ServerApp prints its table row).
     summary_extra : Callable[[list[dict]], dict] | None
         Adds keys to summary.json from the round records (simulations add detection quality).
-    audit_key, audit_anchor
-        Ed25519 signing key (or its path) and the anchor of each round's head, passed to
-        :class:`server.audit.AuditLog` (see ``docs/deployment.md``).
+    audit_key : Ed25519PrivateKey | str | Path | None
+        Signs every audit record (a path is loaded with :func:`server.audit.load_signing_key`,
+        which refuses a key inside the run directory or readable by others).
+    audit_anchor : AuditAnchor | str | None
+        Where each round's head is published outside the run directory: a file path, or
+        ``"command:ARGV"`` (:func:`server.audit.anchor_from_spec`). A failure to publish stops
+        the run: the record is in the log, and resuming publishes the head again.
     """
 
     def __init__(
@@ -305,6 +309,7 @@ class RobustRun:
         root = self.files.root
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)  # scores, provenance and the model are nobody else's business
+        self._audit_options = self._resolve_audit_options()
         audit_records, _ = _count_log_records(self.files.audit)
         checkpoint = load_checkpoint(self.files.checkpoint) if self.resume else None
         if self.resume and checkpoint is None:
@@ -332,14 +337,25 @@ class RobustRun:
         log(INFO, "an earlier run's files were moved to %s", target)
 
     def _audit_log(self, *, fresh: bool, length: int = 0, head: str | None = None) -> AuditLog:
-        extra: dict[str, Any] = {}
-        if self.audit_key is not None:
-            extra["signing_key"] = self.audit_key
-        if self.audit_anchor is not None:
-            extra["anchor"] = self.audit_anchor
+        extra = self._audit_options
         if fresh:
             return AuditLog(self.files.audit, **extra)
         return AuditLog.open_at(self.files.audit, length=length, head=head, **extra)
+
+    def _resolve_audit_options(self) -> dict[str, Any]:
+        """The signing key and anchor, loaded and checked before anything in the directory changes."""
+        extra: dict[str, Any] = {}
+        if self.audit_key is not None:
+            key = self.audit_key
+            if isinstance(key, (str, Path)):
+                key = load_signing_key(key, run_dir=self.files.root)
+            extra["signing_key"] = key
+        if self.audit_anchor is not None:
+            anchor = self.audit_anchor
+            extra["anchor"] = anchor if isinstance(anchor, AuditAnchor) else anchor_from_spec(str(anchor))
+            if extra["anchor"] is not None:
+                extra["anchor"].check_location(self.files.root)
+        return extra
 
     def _restore(self, checkpoint: dict, initial_arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
         files = self.files

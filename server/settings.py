@@ -9,5 +9,6 @@ from client.config import (  # noqa: F401 - re-exports
     DP_MODES,
     PARTITIONERS,
     POLICIES,
+    SERVER_OPTIMIZERS,
     RunSettings,
 )

@@ -16,6 +16,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
 import aggregators
+from server.optimizer import ServerOptimizer
 from server.metrics import MetricsAggregationFn, aggregate_client_metrics, validated_metric_records
 from server.params import ParamSpec, arrays_to_vector, lower_median, other_entries, vector_to_arrays
 from server.privacy import (
@@ -126,6 +127,9 @@ class RobustStrategy(Strategy):
     model_dtypes : Mapping[str, torch.dtype] | None
         The model's own dtype per state entry (``client.wire.dtypes_of(model)``): bfloat16
         entries travel as float32 and the aggregate is rounded back to bfloat16.
+    server_optimizer : ServerOptimizer | None
+        Applies the robust aggregate to the global model (:mod:`server.optimizer`): server
+        learning rate and momentum (FedAvgM), FedAdam or FedYogi. None: ``global + aggregate``.
     """
 
     def __init__(
@@ -152,6 +156,7 @@ class RobustStrategy(Strategy):
         train_metrics_aggr_fn: MetricsAggregationFn | None = None,
         evaluate_metrics_aggr_fn: MetricsAggregationFn | None = None,
         model_dtypes: dict | None = None,
+        server_optimizer: ServerOptimizer | None = None,
     ) -> None:
         if not 0.0 < fraction_train <= 1.0:
             raise ValueError(f"fraction_train must be in (0, 1], got {fraction_train}")
@@ -180,6 +185,7 @@ class RobustStrategy(Strategy):
         self.train_metrics_aggr_fn = train_metrics_aggr_fn or aggregate_client_metrics
         self.evaluate_metrics_aggr_fn = evaluate_metrics_aggr_fn or aggregate_client_metrics
         self.model_dtypes = dict(model_dtypes or {})
+        self.optimizer = server_optimizer or ServerOptimizer()
         self.min_available_nodes = min_available_nodes
         self.min_replies = min_replies
         self.max_update_norm = max_update_norm
@@ -225,6 +231,7 @@ class RobustStrategy(Strategy):
         log(INFO, "\t├── Reply bounds: update norm <= %s, num-examples capped at %d", self.max_update_norm,
             self.max_num_examples)
         log(INFO, "\t├── Reputation policy: %s (flag threshold %.2f)", self.reputation.policy, self.reputation.threshold)
+        log(INFO, "\t├── Server optimizer: %s", self.optimizer.summary())
         log(INFO, "\t├── Differential privacy: %s (C = %s, sigma = %s, delta = %s)", self.privacy.mode,
             self.privacy.clip_norm, self.privacy.noise_multiplier, self.privacy.delta)
         log(INFO, "\t└── Device: %s, seed %d", self.device, self.seed)
@@ -356,7 +363,7 @@ class RobustStrategy(Strategy):
         if self.privacy.mode != "off":
             vector = self._privatise(vector, keep, record, norms if self.privacy.mode == "central" else None)
 
-        new_global = self._global + vector.to("cpu", self._global.dtype)
+        new_global = self.optimizer.step(self._global, vector.to("cpu", self._global.dtype))
         record["aggregate_sha256"] = _sha256(vector)
         record["train_loss"] = _train_loss(valid)
         kept = [v for v in valid if v.node_id not in set(record["excluded"])] or valid
@@ -625,6 +632,7 @@ class RobustStrategy(Strategy):
             "noise_generator": self.noise_generator.get_state(),
             "client_participation": dict(self.client_participation),
             "history": self.history,
+            "optimizer": self.optimizer.state_dict(),
         }
         if hasattr(self.rule, "state_dict"):
             state["rule"] = self.rule.state_dict()
@@ -635,19 +643,21 @@ class RobustStrategy(Strategy):
         return state
 
     def model_state(self) -> dict:
-        """The state that moves with the global model: the rule's (e.g. centered clipping's centre).
+        """The state that moves with the global model: the server optimizer's and the rule's.
 
         :class:`server.run.RobustRun` saves it before each round and restores it with the model
         when a round is not kept (its central metrics turned non-finite) or is rolled back.
         Reputation, history and privacy spent are not part of it: they are never undone.
         """
-        state: dict = {}
+        state: dict = {"optimizer": _copy_state(self.optimizer.state_dict())}
         if hasattr(self.rule, "state_dict"):
             state["rule"] = _copy_state(self.rule.state_dict())
         return state
 
     def load_model_state(self, state: dict) -> None:
         """Restore what :meth:`model_state` returned."""
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         if "rule" in state and hasattr(self.rule, "load_state_dict"):
             self.rule.load_state_dict(state["rule"])
 
@@ -657,6 +667,8 @@ class RobustStrategy(Strategy):
         self.noise_generator.set_state(state["noise_generator"])
         self.client_participation = {int(k): int(v) for k, v in state["client_participation"].items()}
         self.history = list(state["history"])
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
         if "rule" in state and hasattr(self.rule, "load_state_dict"):
             self.rule.load_state_dict(state["rule"])
         if "clipper" in state and self.clipper is not None:

@@ -130,8 +130,10 @@ def test_flagged_table_lists_the_attackers_with_evidence(built_report):
     for row in attackers:
         assert row["rounds_flagged"] == [1, 2, 3, 4, 5, 6]
         assert row["features"]["cosine_z"] > 4.5  # sign flip: pointing away from the aggregate
-        # The partition a node reported says which simulated client the 63-bit node id is.
-        assert f"<td>{row['node']}</td><td>partition {row['node'] - 101}</td><td>yes</td><td>6: 1-6</td>" in table
+        # The partition a node reported says which simulated client the 63-bit node id is; nothing
+        # verifies it, so the report shows it as the client's claim.
+        assert f"<td>{row['node']}</td><td>claims partition {row['node'] - 101}</td><td>yes</td><td>6: 1-6</td>" in table
+    assert "data (as the client claims)" in table
     rejected = [row for row in rows if row["node"] == 109]
     assert rejected and rejected[0]["rejections"] == [(2, HOSTILE_REASON)]
     assert "r2: &lt;script&gt;" in table
