@@ -259,3 +259,14 @@ def test_a_run_config_bound_that_is_not_a_number_is_named():
 def test_trigger_parts_are_validated():
     with pytest.raises(ValueError, match="parts must lie in"):
         Trigger(2, parts=5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name, params", [("model-replacement", {}), ("neurotoxin", {}),
+                                          ("norm-bounded-backdoor", {}), ("dba", {"boost": 2})])
+def test_update_hooks_keep_a_cuda_update_on_its_device_with_a_cpu_context(name, params):
+    """The context's vectors live on the CPU (the ClientApp's layout); the update may be on the GPU."""
+    ctx = context(num_attackers=1, previous_global=vector(50, 1), **{"max-update-norm": 1.0})
+    update = vector(50, 2).cuda()
+    out = build(name, **params).poison_update(update, context=ctx)
+    assert out.device == update.device and out.dtype == update.dtype

@@ -178,3 +178,11 @@ def test_fang_trimmed_mean_is_reproducible_from_the_generator_and_keeps_dtype():
     assert torch.equal(attack.craft(honest, 3, generator=generator(1)), first)
     assert not torch.equal(attack.craft(honest, 3, generator=generator(2)), first)
     assert np.isfinite(first.numpy()).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["fang-krum", "fang-trimmed-mean"])
+def test_crafted_rows_stay_on_the_honest_device(name):
+    honest = noisy(h=10).float().cuda()
+    crafted = build(name).craft(honest, 3, aggregator=aggregators.build("krum", num_byzantine=3), generator=generator())
+    assert crafted.device == honest.device and crafted.dtype == torch.float32
