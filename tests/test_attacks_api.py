@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
+from client.hooks import AttackContext
 from simulations import attacks
 from simulations.attacks import Attack, build, malicious_partitions, parse_params
 
@@ -14,8 +16,11 @@ EXPECTED = {
     "label-flip", "targeted-label-flip", "backdoor", "corrupted-source",
     "sign-flip", "scaling", "gaussian",
     "alie", "ipm", "min-max", "min-sum", "mimic", "alie-adaptive", "ipm-adaptive",
+    "model-replacement", "dba", "neurotoxin", "norm-bounded-backdoor", "fang-krum", "fang-trimmed-mean",
 }
-OMNISCIENT = {"alie", "ipm", "min-max", "min-sum", "mimic", "alie-adaptive", "ipm-adaptive"}
+OMNISCIENT = {"alie", "ipm", "min-max", "min-sum", "mimic", "alie-adaptive", "ipm-adaptive", "fang-krum",
+              "fang-trimmed-mean"}
+BACKDOORS = {"backdoor", "model-replacement", "dba", "neurotoxin", "norm-bounded-backdoor"}
 
 
 def test_available_lists_every_attack_sorted():
@@ -33,6 +38,45 @@ def test_every_attack_builds_with_defaults_and_documents_paper_and_threat_model(
     doc = type(attack).__doc__ or ""
     assert "Threat model" in doc, f"{name}: docstring states no threat model"
     assert re.search(r"\b(19|20)\d\d\b", doc), f"{name}: docstring cites no paper (year)"
+
+
+def test_every_registered_attack_is_listed_here():
+    """A new attack gets its row in EXPECTED (and so the generic checks below) when it is added."""
+    assert set(attacks.available()) == EXPECTED
+
+
+def context(round_: int = 2, d: int = 20, previous: bool = True, **run_config) -> AttackContext:
+    g = torch.Generator().manual_seed(round_)
+    global_vector = torch.randn(d, generator=g)
+    return AttackContext(server_round=round_, partition_id=3, attacker_index=1, num_attackers=3,
+                         global_vector=global_vector,
+                         previous_global=global_vector + 0.1 * torch.randn(d, generator=g) if previous else None,
+                         run_config={"num-clients": 10, "fraction-train": 1.0, **run_config})
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED - OMNISCIENT))
+@pytest.mark.parametrize("with_context", [False, True])
+def test_client_hooks_accept_a_context_or_none_and_keep_shapes_and_dtypes(name, with_context):
+    """Every client-side hook takes ``context=`` (None: the caller has none) on image-shaped data."""
+    attack = build(name, **({"gamma": 10.0} if name == "model-replacement" and not with_context else {}))
+    ctx = context() if with_context else None
+    rng = np.random.default_rng(0)
+    x = (rng.random((30, 3, 8, 8)) * 0.9).astype(np.float32)
+    y = (np.arange(30) % 10).astype(np.int64)
+    x_out, y_out = attack.poison_data(x, y, num_classes=10, image_shape=(3, 8, 8), rng=rng, context=ctx)
+    assert x_out.shape == x.shape and x_out.dtype == x.dtype and y_out.shape == y.shape and y_out.dtype == y.dtype
+    update = torch.randn(20, generator=torch.Generator().manual_seed(1))
+    out = attack.poison_update(update, rng=torch.Generator().manual_seed(2), context=ctx)
+    assert out.shape == update.shape and out.dtype == update.dtype
+
+
+@pytest.mark.parametrize("name", sorted(BACKDOORS))
+def test_every_backdoor_has_a_triggered_testset_on_images(name):
+    x = np.zeros((12, 3, 8, 8), dtype=np.float32)
+    y = (np.arange(12) % 4).astype(np.int64)
+    x_test, y_test = build(name).triggered_testset(x, y, image_shape=(3, 8, 8))
+    assert x_test.shape == (9, 3, 8, 8) and (y_test == 0).all()
+    assert (x_test != 0).any()
 
 
 def test_only_corrupted_source_targets_honest_clients():
@@ -79,6 +123,14 @@ def test_unknown_parameter_names_the_attack_and_the_parameter():
         ("min-max", {"perturbation": "random"}, "perturbation must be one of"),
         ("ipm-adaptive", {"min_epsilon": 2.0, "max_epsilon": 1.0}, "max_epsilon"),
         ("mimic", {"index": -1}, "index must be >= 0"),
+        ("model-replacement", {"gamma": 0}, "gamma must be > 0"),
+        ("model-replacement", {"constrain": "maybe"}, "constrain must be true or false"),
+        ("neurotoxin", {"mask_ratio": 1.5}, r"mask_ratio must lie in \[0, 1\]"),
+        ("norm-bounded-backdoor", {"margin": 1.0}, "margin must be < 1"),
+        ("norm-bounded-backdoor", {"norm": -1}, "norm must be > 0"),
+        ("dba", {"parts": 17}, "parts=17 exceeds the 4x4 trigger's 16 pixels"),
+        ("fang-krum", {"epsilon": -0.1}, "epsilon must be >= 0"),
+        ("fang-trimmed-mean", {"b": 1.0}, "b must be > 1"),
     ],
 )
 def test_bad_parameter_values_are_refused_naming_attack_and_parameter(name, params, message):

@@ -3,18 +3,22 @@
 Every attack here implements ``poison_data_indexed``, which also returns the indices of the rows
 it changed (sorted), so that experiments and tests can tell poisoned rows from clean ones;
 ``poison_data`` (the hook the ClientApp calls) drops the indices. Inputs are never modified in
-place.
+place, and outputs keep their shapes and dtypes. Samples are ``(N, *sample_shape)``; on images
+(``image_shape`` given) the trigger sits in image coordinates (see
+:mod:`simulations.attacks.triggers`), whether the samples are stored as ``(C, H, W)`` or flat.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
 
 from simulations.attacks.base import (
     Attack,
+    Context,
+    ImageShape,
     as_choice,
     as_float,
     as_fraction,
@@ -25,10 +29,6 @@ from simulations.attacks.base import (
 from simulations.attacks.registry import register
 from simulations.attacks.triggers import Trigger
 
-#: ``(H, W)`` of image data, None for plain feature vectors.
-ImageShape = Optional[Tuple[int, int]]
-
-
 class DataPoisoningAttack(Attack):
     """An attack whose effect is a transformation of local training data."""
 
@@ -38,8 +38,9 @@ class DataPoisoningAttack(Attack):
         y: np.ndarray,
         *,
         num_classes: int,
-        image_shape: tuple[int, int] | None,
+        image_shape: ImageShape,
         rng: np.random.Generator,
+        context: Context = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like :meth:`poison_data`, and also return the sorted int64 indices of the rows changed."""
         raise NotImplementedError
@@ -50,11 +51,13 @@ class DataPoisoningAttack(Attack):
         y: np.ndarray,
         *,
         num_classes: int,
-        image_shape: tuple[int, int] | None,
+        image_shape: ImageShape,
         rng: np.random.Generator,
+        context: Context = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Poisoned copies of ``(x, y)``; see :meth:`poison_data_indexed`."""
-        x_out, y_out, _ = self.poison_data_indexed(x, y, num_classes=num_classes, image_shape=image_shape, rng=rng)
+        x_out, y_out, _ = self.poison_data_indexed(x, y, num_classes=num_classes, image_shape=image_shape, rng=rng,
+                                                   context=context)
         return x_out, y_out
 
 
@@ -64,14 +67,24 @@ def _sample_rows(num_rows: int, fraction: float, rng: np.random.Generator) -> np
     return np.sort(rng.choice(num_rows, size=count, replace=False)).astype(np.int64)
 
 
-def _triggered_testset(
-    trigger: Trigger, target: int, x: np.ndarray, y: np.ndarray, image_shape: tuple[int, int] | None, attack: str
+def triggered_testset(
+    trigger: Trigger, target: int, x: np.ndarray, y: np.ndarray, image_shape: ImageShape, attack: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Test rows of classes other than ``target``, trigger stamped, labelled ``target``."""
-    keep = np.flatnonzero(np.asarray(y) != target)
+    """Test rows of classes other than ``target``, trigger stamped, labelled ``target`` (labels keep y's dtype)."""
+    y = np.asarray(y)
+    keep = np.flatnonzero(y != target)
     x_kept = np.asarray(x)[keep]
     stamped = trigger.stamp(x_kept, np.arange(len(keep)), image_shape, attack=attack)
-    return stamped, np.full(len(keep), target, dtype=np.int64)
+    return stamped, np.full(len(keep), target, dtype=y.dtype)
+
+
+def stamp_and_relabel(
+    trigger: Trigger, target: int, x: np.ndarray, y: np.ndarray, rows: np.ndarray, image_shape: ImageShape, attack: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copies of ``(x, y)`` with the trigger on ``rows`` and those rows labelled ``target``."""
+    y_out = np.array(y, copy=True)
+    y_out[rows] = target
+    return trigger.stamp(x, rows, image_shape, attack=attack), y_out
 
 
 @register("label-flip")
@@ -102,19 +115,20 @@ class LabelFlip(DataPoisoningAttack):
         self.target = None if self.mode == "permutation" else as_int(self.name, "target", 0 if target is None else target, minimum=0)
 
     def flipped_labels(self, y: np.ndarray, num_classes: int) -> np.ndarray:
-        """The label map applied to ``y`` (int64 copy)."""
+        """The label map applied to ``y`` (a copy of y's dtype)."""
+        y = np.asarray(y)
         if self.mode == "permutation":
-            return (num_classes - 1 - np.asarray(y)).astype(np.int64)
-        return np.full(len(y), self.target, dtype=np.int64)
+            return (num_classes - 1 - y).astype(y.dtype)
+        return np.full(len(y), self.target, dtype=y.dtype)
 
     def poison_data_indexed(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, image_shape: ImageShape,
-                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        check_dataset(self.name, x, y, num_classes)
+                            rng: np.random.Generator, context: Context = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        check_dataset(self.name, x, y, num_classes, image_shape)
         if self.target is not None:
             check_class(self.name, "target", self.target, num_classes)
         y_out = self.flipped_labels(y, num_classes)
         changed = np.flatnonzero(y_out != y).astype(np.int64)
-        return np.array(x, dtype=np.float32, copy=True), y_out, changed
+        return np.array(x, copy=True), y_out, changed
 
 
 @register("targeted-label-flip")
@@ -139,14 +153,14 @@ class TargetedLabelFlip(DataPoisoningAttack):
             raise ValueError(f"{self.name}: source and target must differ, both are {self.source}")
 
     def poison_data_indexed(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, image_shape: ImageShape,
-                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        check_dataset(self.name, x, y, num_classes)
+                            rng: np.random.Generator, context: Context = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        check_dataset(self.name, x, y, num_classes, image_shape)
         check_class(self.name, "source", self.source, num_classes)
         check_class(self.name, "target", self.target, num_classes)
         changed = np.flatnonzero(np.asarray(y) == self.source).astype(np.int64)
-        y_out = np.array(y, dtype=np.int64, copy=True)
+        y_out = np.array(y, copy=True)
         y_out[changed] = self.target
-        return np.array(x, dtype=np.float32, copy=True), y_out, changed
+        return np.array(x, copy=True), y_out, changed
 
 
 @register("backdoor")
@@ -186,23 +200,26 @@ class Backdoor(DataPoisoningAttack):
         self.boost = as_float(self.name, "boost", boost, positive=True)
 
     def poison_data_indexed(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, image_shape: ImageShape,
-                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        check_dataset(self.name, x, y, num_classes)
+                            rng: np.random.Generator, context: Context = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        check_dataset(self.name, x, y, num_classes, image_shape)
         check_class(self.name, "target", self.target, num_classes)
         rows = _sample_rows(len(y), self.fraction, rng)
-        x_out = self.trigger.stamp(x, rows, image_shape, attack=self.name)
-        y_out = np.array(y, dtype=np.int64, copy=True)
-        y_out[rows] = self.target
+        x_out, y_out = stamp_and_relabel(self.trigger_for(context), self.target, x, y, rows, image_shape, self.name)
         return x_out, y_out, rows
 
-    def poison_update(self, update: torch.Tensor, *, rng: torch.Generator) -> torch.Tensor:
+    def trigger_for(self, context: Context) -> Trigger:
+        """The trigger this client stamps on its training rows (the whole one; DBA stamps a part)."""
+        return self.trigger
+
+    def poison_update(self, update: torch.Tensor, *, rng: torch.Generator | None = None,
+                      context: Context = None) -> torch.Tensor:
         """Model replacement: ``boost * update`` (the identity for ``boost = 1``)."""
         return update if self.boost == 1.0 else update * self.boost
 
     def triggered_testset(self, x: np.ndarray, y: np.ndarray, *,
                           image_shape: ImageShape) -> tuple[np.ndarray, np.ndarray] | None:
         """Test rows whose class is not ``target``, with the trigger, labelled ``target``."""
-        return _triggered_testset(self.trigger, self.target, x, y, image_shape, self.name)
+        return triggered_testset(self.trigger, self.target, x, y, image_shape, self.name)
 
 
 @register("corrupted-source")
@@ -244,17 +261,17 @@ class CorruptedSource(DataPoisoningAttack):
         self.trigger = Trigger(as_int(self.name, "size", size, minimum=1), as_float(self.name, "value", value))
 
     def poison_data_indexed(self, x: np.ndarray, y: np.ndarray, *, num_classes: int, image_shape: ImageShape,
-                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        check_dataset(self.name, x, y, num_classes)
+                            rng: np.random.Generator, context: Context = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        check_dataset(self.name, x, y, num_classes, image_shape)
         rows = _sample_rows(len(y), self.fraction, rng)
-        y_out = np.array(y, dtype=np.int64, copy=True)
         if self.mode == "flip":
+            y_out = np.array(y, copy=True)
             # A shift in [1, C-1] guarantees that every corrupted label differs from the true one.
             y_out[rows] = (y_out[rows] + rng.integers(1, num_classes, size=len(rows))) % num_classes
-            return np.array(x, dtype=np.float32, copy=True), y_out, rows
+            return np.array(x, copy=True), y_out, rows
         check_class(self.name, "target", self.target, num_classes)
-        y_out[rows] = self.target
-        return self.trigger.stamp(x, rows, image_shape, attack=self.name), y_out, rows
+        x_out, y_out = stamp_and_relabel(self.trigger, self.target, x, y, rows, image_shape, self.name)
+        return x_out, y_out, rows
 
     def corrupt(self, x: np.ndarray, y: np.ndarray, **kwargs: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Same as :meth:`poison_data_indexed`: corrupted copies and the corrupted row indices."""
@@ -265,4 +282,4 @@ class CorruptedSource(DataPoisoningAttack):
         """In ``"trigger"`` mode, the triggered test set (as for ``backdoor``); else None."""
         if self.mode != "trigger":
             return None
-        return _triggered_testset(self.trigger, self.target, x, y, image_shape, self.name)
+        return triggered_testset(self.trigger, self.target, x, y, image_shape, self.name)

@@ -1,18 +1,19 @@
 """Non-omniscient model poisoning: a malicious client rewrites its own update after training.
 
 These attacks see only their own update (``trained - global``, flat, shape (d,)); they run in
-the malicious ClientApp through ``poison_update``.
+the malicious ClientApp through ``poison_update`` and ignore its ``context``.
 """
 
 from __future__ import annotations
 
 import torch
 
-from simulations.attacks.base import Attack, as_float
+from simulations.attacks.base import Attack, Context, as_float
 from simulations.attacks.registry import register
 
 
-def _check_update(attack: str, update: torch.Tensor) -> None:
+def check_update(attack: str, update: torch.Tensor) -> None:
+    """Reject an update that is not a floating tensor."""
     if not isinstance(update, torch.Tensor) or not update.is_floating_point():
         raise ValueError(f"{attack}: update must be a floating torch.Tensor, got {getattr(update, 'dtype', type(update).__name__)}")
 
@@ -35,9 +36,10 @@ class SignFlip(Attack):
     def __init__(self, scale: float = 1.0) -> None:
         self.scale = as_float(self.name, "scale", scale, positive=True)
 
-    def poison_update(self, update: torch.Tensor, *, rng: torch.Generator | None = None) -> torch.Tensor:
+    def poison_update(self, update: torch.Tensor, *, rng: torch.Generator | None = None,
+                      context: Context = None) -> torch.Tensor:
         """``-scale * update``."""
-        _check_update(self.name, update)
+        check_update(self.name, update)
         return update * (-self.scale)
 
 
@@ -58,9 +60,10 @@ class Scaling(Attack):
     def __init__(self, scale: float = 10.0) -> None:
         self.scale = as_float(self.name, "scale", scale, positive=True)
 
-    def poison_update(self, update: torch.Tensor, *, rng: torch.Generator | None = None) -> torch.Tensor:
+    def poison_update(self, update: torch.Tensor, *, rng: torch.Generator | None = None,
+                      context: Context = None) -> torch.Tensor:
         """``scale * update``."""
-        _check_update(self.name, update)
+        check_update(self.name, update)
         return update * self.scale
 
 
@@ -81,9 +84,10 @@ class Gaussian(Attack):
     def __init__(self, std: float = 1.0) -> None:
         self.std = as_float(self.name, "std", std, nonnegative=True)
 
-    def poison_update(self, update: torch.Tensor, *, rng: torch.Generator | None = None) -> torch.Tensor:
+    def poison_update(self, update: torch.Tensor, *, rng: torch.Generator | None = None,
+                      context: Context = None) -> torch.Tensor:
         """Noise of ``update``'s shape, device and dtype; reproducible for a seeded ``rng``."""
-        _check_update(self.name, update)
+        check_update(self.name, update)
         device = rng.device if rng is not None else torch.device("cpu")
         # Drawn on the generator's device (a CPU generator cannot fill a CUDA tensor), then moved.
         noise = torch.randn(update.shape, generator=rng, device=device, dtype=update.dtype)
