@@ -1,0 +1,165 @@
+"""Digits audit cases whose outcome is pinned by tests/data/data_audit_digits_golden.json.
+
+Shared by the regression test (tests/test_data_audit.py) and the script that wrote the golden
+file (``python tests/data_audit_cases.py --write``, run once on the audit as it was before image
+tasks, commit 92ca0ad). Every case is a digits partition (8x8 images scaled to [0, 1]) given to
+``audit_dataset`` as flat (N, 64) rows with ``image_shape=(8, 8)`` unless it says otherwise. The
+partitions are frozen in the golden file (four IID subsets of 180 samples, four Dirichlet(0.5)
+partitions of a 10-client split as ``client.data.partition`` drew them at that commit), so the
+cases do not move when the ClientApp's partitioner does.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+
+GOLDEN = Path(__file__).parent / "data" / "data_audit_digits_golden.json"
+NUM_CLASSES = 10
+IMAGE = (8, 8)
+CORNERS = {
+    "top-left": (slice(0, 3), slice(0, 3)),
+    "top-right": (slice(0, 3), slice(5, 8)),
+    "bottom-left": (slice(5, 8), slice(0, 3)),
+    "bottom-right": (slice(5, 8), slice(5, 8)),
+}
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits, pixels scaled to [0, 1] (float32), labels int64."""
+    bunch = load_digits()
+    return (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64)
+
+
+def frozen_partitions() -> list[tuple[str, np.ndarray]]:
+    """The eight partitions recorded in the golden file, in order."""
+    document = json.loads(GOLDEN.read_text())
+    return [(name, np.array(rows, dtype=np.int64)) for name, rows in document["partitions"].items()]
+
+
+def flip_labels(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Give ``fraction`` of the samples a uniformly random other class; return labels and truth mask."""
+    chosen = rng.choice(len(y), int(round(fraction * len(y))), replace=False)
+    flipped = y.copy()
+    flipped[chosen] = (y[chosen] + rng.integers(1, NUM_CLASSES, len(chosen))) % NUM_CLASSES
+    truth = np.zeros(len(y), dtype=bool)
+    truth[chosen] = True
+    return flipped, truth
+
+
+def stamp_corner(x: np.ndarray, y: np.ndarray, corner: str, fraction: float, target: int,
+                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A white 3x3 patch in ``corner`` on ``fraction`` of the flat 8x8 rows, relabelled to ``target``."""
+    rows, cols = CORNERS[corner]
+    images = x.copy().reshape(len(x), *IMAGE)
+    labels = y.copy()
+    stamped = rng.choice(len(x), int(round(fraction * len(x))), replace=False)
+    images[stamped, rows, cols] = 1.0
+    labels[stamped] = target
+    truth = np.zeros(len(x), dtype=bool)
+    truth[stamped] = True
+    return images.reshape(len(x), -1), labels, truth
+
+
+def cases(partitions: list[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]]:
+    """Every pinned case: (name, flat x, y, keyword arguments of ``audit_dataset``).
+
+    The keyword ``block_size`` is not an argument of ``audit_dataset``: the runner sets
+    ``client.data_audit.BLOCK_SIZE`` to it for that case.
+    """
+    x_all, y_all = digits()
+    image = {"num_classes": NUM_CLASSES, "image_shape": IMAGE}
+    for case, (name, idx) in enumerate(partitions):
+        x, y = x_all[idx], y_all[idx]
+        yield f"clean/{name}", x, y, image
+        flipped, _ = flip_labels(y, 0.2, np.random.default_rng(len(idx) + int(idx[0])))
+        yield f"flip20/{name}", x, flipped, image
+        minority = [c for c in range(NUM_CLASSES) if np.mean(y == c) < 0.2]
+        for corner in CORNERS:
+            x_t, y_t, _ = stamp_corner(x, y, corner, 0.05, minority[case % len(minority)],
+                                       np.random.default_rng(100 + case))
+            yield f"trigger-{corner}/{name}", x_t, y_t, image
+    idx = partitions[0][1]
+    x_t, y_t, _ = stamp_corner(x_all[idx], y_all[idx], "top-left", 0.05, 0, np.random.default_rng(2))
+    yield "trigger-without-image-shape", x_t, y_t, {"num_classes": NUM_CLASSES}
+    x_t, y_t, _ = stamp_corner(x_all, y_all, "bottom-left", 0.05, 7, np.random.default_rng(9))
+    yield "trigger-whole-dataset", x_t, y_t, image
+    x_b, y_b = x_all[idx].copy(), y_all[idx].copy()
+    x_b[0, 5], x_b[1, 9], y_b[2], y_b[3], x_b[4, 30] = np.nan, np.inf, NUM_CLASSES, -1, 1.5
+    x_b[6], y_b[6] = x_b[5], (y_b[5] + 1) % NUM_CLASSES
+    x_b[8], y_b[8] = x_b[7], y_b[7]
+    yield "schema-errors", x_b, y_b, image
+    yield "schema-errors-no-range", x_b, y_b, image | {"feature_range": None}
+    big = np.random.default_rng(7).choice(len(y_all), 400, replace=False)
+    flipped, _ = flip_labels(y_all[big], 0.2, np.random.default_rng(8))
+    yield "flip20-blocks-of-150", x_all[big], flipped, image | {"block_size": 150}
+    flipped, _ = flip_labels(y_all[idx], 0.2, np.random.default_rng(12))
+    yield "flip20-user-model", x_all[idx], flipped, {"num_classes": NUM_CLASSES,
+                                                      "model_fn": lambda: LogisticRegression(max_iter=300)}
+    rng = np.random.default_rng(5)
+    centres = rng.normal(0.0, 1.5, size=(5, 16))
+    y_tab = rng.integers(0, 5, 200)
+    x_tab = centres[y_tab] + rng.normal(0.0, 1.0, size=(200, 16))
+    x_tab[:, 0] *= 1000.0
+    flipped = y_tab.copy()
+    chosen = rng.choice(200, 30, replace=False)
+    flipped[chosen] = (flipped[chosen] + rng.integers(1, 5, 30)) % 5
+    yield "tabular-standardised", x_tab, flipped, {"num_classes": 5, "feature_range": None}
+
+
+def outcome(report: Any) -> dict[str, Any]:
+    """What the golden file pins of one report: flags, reasons, per-reason counts and scores."""
+    return {
+        "flagged": [int(i) for i in report.flagged_indices],
+        "reasons": {str(i): list(r) for i, r in sorted(report.reasons.items())},
+        "by_reason": {k: int(v) for k, v in report.by_reason.items()},
+        "scores": [float(s) for s in report.scores],
+    }
+
+
+def run_case(x: np.ndarray, y: np.ndarray, kwargs: dict[str, Any]) -> Any:
+    """``audit_dataset`` on one case (with its ``block_size``, if any, set for the call only)."""
+    import client.data_audit as data_audit
+
+    arguments = dict(kwargs)
+    block_size = arguments.pop("block_size", None)
+    saved = data_audit.BLOCK_SIZE
+    try:
+        if block_size is not None:
+            data_audit.BLOCK_SIZE = block_size
+        return data_audit.audit_dataset(x, y, **arguments)
+    finally:
+        data_audit.BLOCK_SIZE = saved
+
+
+def _write_golden() -> None:
+    from client.data import partition
+
+    _, y_all = digits()
+    iid = {f"iid-{seed}": np.sort(np.random.default_rng(seed).choice(len(y_all), 180, replace=False))
+           for seed in range(4)}
+    skewed = [part for part in partition(y_all, 10, alpha=0.5, seed=3) if len(part) >= 100][:4]
+    frozen = iid | {f"dirichlet-{i}": part for i, part in enumerate(skewed)}
+    document: dict[str, Any] = {
+        "written_by": "python tests/data_audit_cases.py --write, on client/data_audit.py at commit 92ca0ad",
+        "partitions": {name: [int(i) for i in rows] for name, rows in frozen.items()},
+        "cases": {},
+    }
+    for name, x, y, kwargs in cases(list(frozen.items())):
+        document["cases"][name] = outcome(run_case(x, y, kwargs))
+        print(name, len(document["cases"][name]["flagged"]), file=sys.stderr)
+    GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+    GOLDEN.write_text(json.dumps(document) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--write"]:
+        sys.exit("usage: python tests/data_audit_cases.py --write   (rewrites the golden file)")
+    _write_golden()
