@@ -54,6 +54,22 @@ def flip_labels(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tup
     return flipped, truth
 
 
+def flag_mask(report: Any, reason: str | None = None) -> np.ndarray:
+    """(N,) mask of the rows a report flagged (for ``reason`` only, when given)."""
+    mask = np.zeros(report.checked, dtype=bool)
+    if reason is None:
+        mask[report.flagged_indices] = True
+    else:
+        mask[[i for i, reasons in report.reasons.items() if reason in reasons]] = True
+    return mask
+
+
+def precision_recall(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """Precision and recall of mask ``found`` against mask ``truth`` (1 for an empty denominator's 0 hits)."""
+    hits = int((found & truth).sum())
+    return hits / max(int(found.sum()), 1), hits / max(int(truth.sum()), 1)
+
+
 def stamp_corner(x: np.ndarray, y: np.ndarray, corner: str, fraction: float, target: int,
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A white 3x3 patch in ``corner`` on ``fraction`` of the flat 8x8 rows, relabelled to ``target``."""
@@ -163,3 +179,62 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
         sys.exit("usage: python tests/data_audit_cases.py --write   (rewrites the golden file)")
     _write_golden()
+
+
+# ---------------------------------------------------------------------------------------------
+# A stand-in for the generated CIFAR-10-shaped images (3x32x32, 10 classes, pixels in [0, 1])
+# ---------------------------------------------------------------------------------------------
+
+
+def standin_images(num_samples: int, seed: int, *, num_classes: int = 10, size: int = 32, noise: float = 0.1,
+                   background: float = 0.8, saturated: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Class-conditional smooth colour patterns plus noise: (N, 3, size, size) float32 in [0, 1].
+
+    Each class has a prototype: per channel, a sum of three random low-frequency 2-D cosines. A
+    sample is its class's prototype blended with one of 20 class-free background patterns (weight
+    uniform in [0, ``background``]: the knob of difficulty), shifted by up to 2 pixels, with a per-channel brightness offset
+    (N(0, 0.05)) and per-pixel N(0, ``noise``) noise, clipped to [0, 1]. ``saturated`` stretches
+    the prototypes past [0, 1] before clipping, so that classes own flat white and black regions
+    (natural class-specific extreme patches that a trigger screen must not take for triggers).
+
+    Not a calibrated copy of any dataset: a learnable image task of the right shape, whose
+    difficulty the tests print (a 5-fold 10-NN accuracy on raw pixels: about 1.0, 0.87 and 0.78 at
+    ``background`` 0.5, 0.8 and 0.9 on 600 samples; pixel noise barely moves it).
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.arange(size) / size
+
+    def patterns(count: int) -> np.ndarray:
+        out = np.zeros((count, 3, size, size))
+        for _ in range(3):
+            fy, fx = rng.integers(0, 4, size=(2, count, 3, 1, 1))
+            phase = rng.uniform(0, 2 * np.pi, size=(count, 3, 1, 1))
+            out += rng.uniform(0.5, 1.0, size=(count, 3, 1, 1)) * np.cos(
+                2 * np.pi * (fy * grid[:, None] + fx * grid[None, :]) + phase)
+        low = out.min(axis=(2, 3), keepdims=True)
+        high = out.max(axis=(2, 3), keepdims=True)
+        return (out - low) / np.maximum(high - low, 1e-9)
+
+    stretch = (-0.3, 1.3) if saturated else (0.15, 0.85)
+    prototypes = stretch[0] + (stretch[1] - stretch[0]) * patterns(num_classes)
+    backgrounds = 0.15 + 0.7 * patterns(20)
+    y = rng.integers(0, num_classes, num_samples)
+    blend = rng.uniform(0.0, background, size=(num_samples, 1, 1, 1))
+    x = (1 - blend) * prototypes[y] + blend * backgrounds[rng.integers(0, 20, num_samples)]
+    shifts = rng.integers(-2, 3, size=(num_samples, 2))
+    for i, (dy, dx) in enumerate(shifts):
+        x[i] = np.roll(x[i], (dy, dx), axis=(1, 2))
+    x += rng.normal(0.0, 0.05, size=(num_samples, 3, 1, 1)) + rng.normal(0.0, noise, size=x.shape)
+    return np.clip(x, 0.0, 1.0).astype(np.float32), y.astype(np.int64)
+
+
+def stamp_trigger(x: np.ndarray, rows: np.ndarray, image_shape: tuple[int, int, int], *, size: int = 3,
+                  value: float = 1.0, corner: str = "bottom-right") -> np.ndarray:
+    """A copy of (N, ...) ``x`` with every channel of a ``size x size`` patch in ``corner`` of the
+    H x W plane set to ``value`` on ``rows`` (the attacks' ``Trigger`` stamps the bottom-right)."""
+    channels, height, width = image_shape
+    images = np.array(x, dtype=np.float32, copy=True).reshape(len(x), channels, height, width)
+    top = 0 if corner.startswith("top") else height - size
+    left = 0 if corner.endswith("left") else width - size
+    images[np.asarray(rows)[:, None], :, top:top + size, left:left + size] = value
+    return images.reshape(x.shape)
