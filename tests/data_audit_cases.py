@@ -44,11 +44,12 @@ def frozen_partitions() -> list[tuple[str, np.ndarray]]:
     return [(name, np.array(rows, dtype=np.int64)) for name, rows in document["partitions"].items()]
 
 
-def flip_labels(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def flip_labels(y: np.ndarray, fraction: float, rng: np.random.Generator,
+                num_classes: int = NUM_CLASSES) -> tuple[np.ndarray, np.ndarray]:
     """Give ``fraction`` of the samples a uniformly random other class; return labels and truth mask."""
     chosen = rng.choice(len(y), int(round(fraction * len(y))), replace=False)
     flipped = y.copy()
-    flipped[chosen] = (y[chosen] + rng.integers(1, NUM_CLASSES, len(chosen))) % NUM_CLASSES
+    flipped[chosen] = (y[chosen] + rng.integers(1, num_classes, len(chosen))) % num_classes
     truth = np.zeros(len(y), dtype=bool)
     truth[chosen] = True
     return flipped, truth
@@ -229,12 +230,14 @@ def standin_images(num_samples: int, seed: int, *, num_classes: int = 10, size: 
 
 
 def stamp_trigger(x: np.ndarray, rows: np.ndarray, image_shape: tuple[int, int, int], *, size: int = 3,
-                  value: float = 1.0, corner: str = "bottom-right") -> np.ndarray:
-    """A copy of (N, ...) ``x`` with every channel of a ``size x size`` patch in ``corner`` of the
-    H x W plane set to ``value`` on ``rows`` (the attacks' ``Trigger`` stamps the bottom-right)."""
+                  value: float | tuple[float, ...] = 1.0, corner: str = "bottom-right") -> np.ndarray:
+    """A copy of (N, ...) ``x`` with a ``size x size`` patch in ``corner`` of the H x W plane set,
+    on every channel, to ``value`` (one number, as the attacks' ``Trigger`` stamps it in the
+    bottom-right, or one per channel: a coloured patch) on ``rows``."""
     channels, height, width = image_shape
     images = np.array(x, dtype=np.float32, copy=True).reshape(len(x), channels, height, width)
     top = 0 if corner.startswith("top") else height - size
     left = 0 if corner.endswith("left") else width - size
-    images[np.asarray(rows)[:, None], :, top:top + size, left:left + size] = value
+    patch = np.broadcast_to(np.asarray(value, dtype=np.float32).reshape(-1, 1, 1), (channels, size, size))
+    images[np.asarray(rows), :, top:top + size, left:left + size] = patch
     return images.reshape(x.shape)
