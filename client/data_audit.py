@@ -118,10 +118,10 @@ on 10% flipped labels from 0.92 to 0.78 and tripled the flags on clean data; 50 
 the label checks as they were and moved the 5x5 and red triggers from 7/8 to 8/8 and 7/8. So
 nothing is projected (and digits, 64 features, are judged exactly as before). The trigger screen counts window
 contents with summed-area tables and builds bit patterns only for candidate windows, so its
-memory is O(N C H W). Measured (one core, shared machine): 300 stand-in images in 0.15-0.4 s
-(clean or poisoned), 1,000 in 0.7-0.8 s, 3,000 in 2.7 s; up to about 1.5 s for 300 when many
-natural candidate groups must be examined (classes with flat saturated regions). The audit runs
-its BLAS single-threaded (clients run side by side).
+memory is O(N C H W). Measured (CPU seconds on one core of a shared 2-core machine): 300
+stand-in images 0.16 s clean or poisoned, 1,000 0.75-0.85 s, 3,000 2.6 s; 300 whose classes own
+flat saturated regions 0.5-1.0 s (8-21 natural candidate groups, about 40 ms each, at most
+``MAX_TRIGGER_CANDIDATES``). The audit runs its BLAS single-threaded (clients run side by side).
 """
 
 from __future__ import annotations
