@@ -70,7 +70,8 @@ def _digits_pool(size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return x[chosen], y[chosen]
 
 
-def _poison(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
+def _poison(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, int, int],
+            seed: int) -> tuple[np.ndarray, np.ndarray]:
     """20% labels flipped to a random other class, then a 3x3 bottom-right patch on 5% relabelled to 0."""
     rng = np.random.default_rng(seed)
     y, _ = flip_labels(y, 0.2, rng)

@@ -77,8 +77,8 @@ when it differs from that pixel's median over the partition by half the range or
 the black background of digits), or when it is at an extreme that fewer than half the samples
 share there (a white patch on colour images, whose medians sit mid-range, only half the range
 away), so shared background is never a candidate. A candidate is **confirmed** when, with the
-window masked out (on every channel) for everyone, at least 40% (``TRIGGER_FLIP_SHARE``) of its ``c``-labelled members, and at least
-3 of them, get a (leave-one-out) label-consistency score at or above ``threshold``: the stamped
+window masked out (on every channel) for everyone, at least 40% (``TRIGGER_FLIP_SHARE``) of
+its ``c``-labelled members, and at least 3 of them, get a (leave-one-out) label-consistency score at or above ``threshold``: the stamped
 images do not look like class ``c`` once the patch is hidden, while a natural class-specific
 pattern still does. The members are judged among up to 500 other trusted samples, at most one
 member per ten of those (a random subset of a larger group), so that two stamped samples of the

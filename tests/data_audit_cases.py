@@ -193,13 +193,13 @@ def standin_images(num_samples: int, seed: int, *, num_classes: int = 10, size: 
 
     Each class has a prototype: per channel, a sum of three random low-frequency 2-D cosines. A
     sample is its class's prototype blended with one of 20 class-free background patterns (weight
-    uniform in [0, ``background``]: the knob of difficulty), shifted by up to 2 pixels, with a per-channel brightness offset
-    (N(0, 0.05)) and per-pixel N(0, ``noise``) noise, clipped to [0, 1]. ``saturated`` stretches
-    the prototypes past [0, 1] before clipping, so that classes own flat white and black regions
+    uniform in [0, ``background``]: the knob of difficulty), shifted by up to 2 pixels, with a
+    per-channel brightness offset (N(0, 0.05)) and per-pixel N(0, ``noise``) noise, clipped to
+    [0, 1]. ``saturated`` stretches the prototypes past [0, 1] before clipping, so that classes own flat white and black regions
     (natural class-specific extreme patches that a trigger screen must not take for triggers).
 
     Not a calibrated copy of any dataset: a learnable image task of the right shape, whose
-    difficulty the tests print (a 5-fold 10-NN accuracy on raw pixels: about 1.0, 0.87 and 0.78 at
+    difficulty is measured (a 5-fold 10-NN accuracy on raw pixels: about 1.0, 0.87 and 0.78 at
     ``background`` 0.5, 0.8 and 0.9 on 600 samples; pixel noise barely moves it).
     """
     rng = np.random.default_rng(seed)
