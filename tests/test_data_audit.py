@@ -1,72 +1,55 @@
-"""Specification of the client-side training-data audit (client/data_audit.py).
+"""Specification of the client-side training-data audit (client/data_audit.py) on digits.
 
 The data are scikit-learn's bundled digits (offline): 8x8 images scaled to [0, 1], 10 classes,
 cut into client partitions of roughly 110-320 samples, both IID random subsets of 180 and
-Dirichlet(0.5) label-skewed partitions as the ClientApp gets them.
+Dirichlet(0.5) label-skewed partitions as the ClientApp drew them (frozen in
+tests/data/data_audit_digits_golden.json, so that a new partitioner does not move these cases).
+Colour images and other sample shapes: tests/test_data_audit_images.py.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
+import re
 import time
 
 import numpy as np
 import pytest
-from sklearn.datasets import load_digits
+from data_audit_cases import (
+    GOLDEN,
+    IMAGE,
+    NUM_CLASSES,
+    cases,
+    digits as load_digits_scaled,
+    flag_mask,
+    flip_labels,
+    frozen_partitions,
+    outcome,
+    precision_recall,
+    run_case,
+    stamp_corner,
+)
 from sklearn.linear_model import LogisticRegression
 
 import client.data_audit as data_audit
-from client.data import partition
-from client.data_audit import REASONS, AuditReport, apply_policy, audit_dataset
-
-NUM_CLASSES = 10
-IMAGE = (8, 8)
+from client.data_audit import REASONS, apply_policy, audit_dataset, log_not_applicable_once
 
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray]:
-    bunch = load_digits()
-    return (bunch.data / 16.0).astype(np.float32), bunch.target.astype(np.int64)
+    return load_digits_scaled()
 
 
 @pytest.fixture(scope="module")
-def partitions(digits: tuple[np.ndarray, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+def partitions() -> list[tuple[str, np.ndarray]]:
     """Four IID subsets of 180 samples and four Dirichlet(0.5) partitions of a 10-client split.
 
     The Dirichlet partitions are the first four of at least 100 samples (the audit's working
     range; a 5% trigger on a 40-sample partition is 2 samples, under the 3 a group needs).
     """
-    _, y = digits
-    iid = [(f"iid-{seed}", np.sort(np.random.default_rng(seed).choice(len(y), 180, replace=False)))
-           for seed in range(4)]
-    skewed = [(f"dirichlet-{i}", part) for i, part in enumerate(partition(y, 10, alpha=0.5, seed=3))
-              if len(part) >= 100][:4]
-    return iid + skewed
-
-
-def _flip_labels(y: np.ndarray, fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Give ``fraction`` of the samples a uniformly random other class; return labels and truth mask."""
-    chosen = rng.choice(len(y), int(round(fraction * len(y))), replace=False)
-    flipped = y.copy()
-    flipped[chosen] = (y[chosen] + rng.integers(1, NUM_CLASSES, len(chosen))) % NUM_CLASSES
-    truth = np.zeros(len(y), dtype=bool)
-    truth[chosen] = True
-    return flipped, truth
-
-
-def _flag_mask(report: AuditReport, reason: str | None = None) -> np.ndarray:
-    mask = np.zeros(report.checked, dtype=bool)
-    if reason is None:
-        mask[report.flagged_indices] = True
-    else:
-        mask[[i for i, reasons in report.reasons.items() if reason in reasons]] = True
-    return mask
-
-
-def _precision_recall(found: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
-    hits = int((found & truth).sum())
-    return hits / max(int(found.sum()), 1), hits / max(int(truth.sum()), 1)
+    return frozen_partitions()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,9 +62,9 @@ def test_flipped_labels_are_found_with_precision_and_recall_above_80_percent(dig
     rows = []
     for name, idx in partitions:
         rng = np.random.default_rng(len(idx) + int(idx[0]))
-        y, truth = _flip_labels(y_all[idx], 0.2, rng)
+        y, truth = flip_labels(y_all[idx], 0.2, rng)
         report = audit_dataset(x_all[idx], y, num_classes=NUM_CLASSES, image_shape=IMAGE)
-        precision, recall = _precision_recall(_flag_mask(report), truth)
+        precision, recall = precision_recall(flag_mask(report), truth)
         rows.append((name, len(idx), precision, recall))
     for name, size, precision, recall in rows:
         print(f"20% flipped  {name:12s} n={size:3d}  precision {precision:.3f}  recall {recall:.3f}")
@@ -97,24 +80,15 @@ def test_flipped_labels_are_found_with_precision_and_recall_above_80_percent(dig
 @pytest.mark.parametrize("corner", ["top-left", "top-right", "bottom-left", "bottom-right"])
 def test_corner_trigger_on_5_percent_relabelled_to_a_target_is_found(digits, partitions, corner):
     x_all, y_all = digits
-    rows_slice = slice(0, 3) if corner.startswith("top") else slice(5, 8)
-    cols_slice = slice(0, 3) if corner.endswith("left") else slice(5, 8)
     results = []
     for case, (name, idx) in enumerate(partitions):
-        rng = np.random.default_rng(100 + case)
-        x = x_all[idx].copy().reshape(len(idx), *IMAGE)
-        y = y_all[idx].copy()
         # The attacker's target is a class of under 20% of the partition: where the target
         # dominates, most stamped samples were of it all along (clean-label), which is not covered.
-        minority = [c for c in range(NUM_CLASSES) if np.mean(y == c) < 0.2]
+        minority = [c for c in range(NUM_CLASSES) if np.mean(y_all[idx] == c) < 0.2]
         target = minority[case % len(minority)]
-        stamped = rng.choice(len(idx), int(round(0.05 * len(idx))), replace=False)
-        x[stamped, rows_slice, cols_slice] = 1.0
-        y[stamped] = target
-        truth = np.zeros(len(idx), dtype=bool)
-        truth[stamped] = True
-        report = audit_dataset(x.reshape(len(idx), -1), y, num_classes=NUM_CLASSES, image_shape=IMAGE)
-        precision, recall = _precision_recall(_flag_mask(report, "trigger"), truth)
+        x, y, truth = stamp_corner(x_all[idx], y_all[idx], corner, 0.05, target, np.random.default_rng(100 + case))
+        report = audit_dataset(x, y, num_classes=NUM_CLASSES, image_shape=IMAGE)
+        precision, recall = precision_recall(flag_mask(report, "trigger"), truth)
         results.append((name, precision, recall))
         print(f"trigger {corner:12s} {name:12s} target {target}  precision {precision:.3f}  recall {recall:.3f}")
     assert all(precision >= 0.8 and recall >= 0.8 for _, precision, recall in results), results
@@ -123,16 +97,11 @@ def test_corner_trigger_on_5_percent_relabelled_to_a_target_is_found(digits, par
 def test_trigger_in_a_whole_dataset_sized_partition_is_found(digits):
     """1,797 samples: the candidate is judged on a subsample (at most one member per ten others)."""
     x_all, y_all = digits
-    x = x_all.copy().reshape(len(y_all), *IMAGE)
-    y = y_all.copy()
     assert audit_dataset(x_all, y_all, num_classes=NUM_CLASSES, image_shape=IMAGE).by_reason["trigger"] == 0
-    stamped = np.random.default_rng(9).choice(len(y), 90, replace=False)
-    x[stamped, -3:, :3] = 1.0
-    y[stamped] = 7
-    report = audit_dataset(x.reshape(len(y), -1), y, num_classes=NUM_CLASSES, image_shape=IMAGE)
-    truth = np.zeros(len(y), dtype=bool)
-    truth[stamped] = True
-    precision, recall = _precision_recall(_flag_mask(report, "trigger"), truth)
+    x, y, truth = stamp_corner(x_all, y_all, "bottom-left", 0.05, 7, np.random.default_rng(9))
+    assert truth.sum() == 90
+    report = audit_dataset(x, y, num_classes=NUM_CLASSES, image_shape=IMAGE)
+    precision, recall = precision_recall(flag_mask(report, "trigger"), truth)
     assert precision >= 0.8 and recall >= 0.8, (precision, recall)
 
 
@@ -177,10 +146,10 @@ def test_clean_partitions_have_under_2_percent_flagged(digits, partitions):
 def test_flipped_labels_are_found_with_a_user_model(digits):
     x_all, y_all = digits
     idx = np.random.default_rng(11).choice(len(y_all), 180, replace=False)
-    y, truth = _flip_labels(y_all[idx], 0.2, np.random.default_rng(12))
+    y, truth = flip_labels(y_all[idx], 0.2, np.random.default_rng(12))
     report = audit_dataset(x_all[idx], y, num_classes=NUM_CLASSES,
                            model_fn=lambda: LogisticRegression(max_iter=300))
-    precision, recall = _precision_recall(_flag_mask(report), truth)
+    precision, recall = precision_recall(flag_mask(report), truth)
     assert precision >= 0.8 and recall >= 0.8, (precision, recall)
 
 
@@ -196,7 +165,7 @@ def test_tabular_features_on_different_scales_are_standardised():
     truth = np.zeros(200, dtype=bool)
     truth[flipped] = True
     report = audit_dataset(x, y, num_classes=5, feature_range=None)
-    precision, recall = _precision_recall(_flag_mask(report), truth)
+    precision, recall = precision_recall(flag_mask(report), truth)
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
     assert audit_dataset(x, y_clean, num_classes=5, feature_range=None).flagged <= 2
 
@@ -205,16 +174,16 @@ def test_large_partitions_are_judged_in_blocks(digits, monkeypatch):
     x_all, y_all = digits
     monkeypatch.setattr(data_audit, "BLOCK_SIZE", 150)
     idx = np.random.default_rng(7).choice(len(y_all), 400, replace=False)
-    y, truth = _flip_labels(y_all[idx], 0.2, np.random.default_rng(8))
+    y, truth = flip_labels(y_all[idx], 0.2, np.random.default_rng(8))
     report = audit_dataset(x_all[idx], y, num_classes=NUM_CLASSES, image_shape=IMAGE)
-    precision, recall = _precision_recall(_flag_mask(report), truth)
+    precision, recall = precision_recall(flag_mask(report), truth)
     assert precision >= 0.8 and recall >= 0.8, (precision, recall)
 
 
 def test_audit_of_180_samples_is_fast_and_deterministic(digits):
     x_all, y_all = digits
     idx = np.random.default_rng(3).choice(len(y_all), 180, replace=False)
-    y, _ = _flip_labels(y_all[idx], 0.2, np.random.default_rng(4))
+    y, _ = flip_labels(y_all[idx], 0.2, np.random.default_rng(4))
     started = time.perf_counter()
     first = audit_dataset(x_all[idx], y, num_classes=NUM_CLASSES, image_shape=IMAGE)
     assert time.perf_counter() - started < 1.0
@@ -287,9 +256,14 @@ def test_feature_range_none_skips_the_range_rule(digits):
 @pytest.mark.parametrize(
     ("x", "y", "kwargs", "message"),
     [
-        (np.zeros(10), np.zeros(10, dtype=int), {}, "2-D"),
-        (np.zeros((10, 4)), np.zeros(9, dtype=int), {}, "one label per row"),
+        (np.zeros(10), np.zeros(10, dtype=int), {}, "at least 2 dimensions"),
+        (np.zeros((10, 4)), np.zeros(9, dtype=int), {}, "one label per sample"),
         (np.zeros((10, 4)), np.zeros(10, dtype=int), {"image_shape": (3, 3)}, "image_shape"),
+        (np.zeros((10, 4)), np.zeros(10, dtype=int), {"image_shape": (1, 1, 2, 2)}, "image_shape must be"),
+        (np.zeros((10, 4)), np.zeros(10, dtype=int), {"image_shape": (0, 4)}, "positive integers"),
+        # channels-last: the right number of features in another pixel order
+        (np.zeros((10, 4, 4, 3)), np.zeros(10, dtype=int), {"image_shape": (3, 4, 4)}, r"shape \(3, 4, 4\) or flat"),
+        (np.zeros((10, 2, 8, 8)), np.zeros(10, dtype=int), {"image_shape": (8, 8)}, "does not match samples"),
         (np.array([["a"] * 4] * 10), np.zeros(10, dtype=int), {}, "real numbers"),
         (np.zeros((10, 4)), np.array(["a"] * 10), {}, "integer class labels"),
         (np.zeros((10, 4)), np.zeros(10, dtype=int), {"num_classes": 1}, "num_classes"),
@@ -385,8 +359,98 @@ def test_metrics_are_flat_plain_numbers(broken):
     report = audit_dataset(x, y, num_classes=NUM_CLASSES, image_shape=IMAGE)
     apply_policy(x, y, report, "drop")
     metrics = report.metrics()
-    assert set(metrics) == {"audit-checked", "audit-flagged", "audit-dropped", "audit-seconds"} | {
-        f"audit-{reason}" for reason in REASONS}
+    assert set(metrics) == {"audit-checked", "audit-flagged", "audit-dropped", "audit-not-applicable",
+                            "audit-seconds"} | {f"audit-{reason}" for reason in REASONS}
     assert all(type(value) in (int, float) for value in metrics.values()), metrics
     assert metrics["audit-checked"] == len(x) and metrics["audit-dropped"] == report.flagged
     assert metrics["audit-non-finite"] == 2 and isinstance(metrics["audit-seconds"], float)
+    assert metrics["audit-not-applicable"] == 0, "digits images with a range: every check applies"
+    # what the server's validator accepts (server/validation.py): short printable keys, few of them
+    assert len(metrics) <= 16
+    assert all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.:/+-]{0,63}", key) for key in metrics)
+
+
+# ---------------------------------------------------------------------------------------------
+# 7: digits outcomes do not move; the sample layout does not matter
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def golden() -> dict:
+    return json.loads(GOLDEN.read_text())["cases"]
+
+
+@pytest.mark.parametrize("case", list(cases(frozen_partitions())), ids=lambda case: case[0])
+def test_digits_outcomes_match_the_audit_before_image_tasks(case, golden):
+    """Flags, reasons and scores of 55 digits cases (clean, 20% flipped, corner triggers, schema
+    errors, blocks, a user model, tabular rows) are those of the audit at commit 92ca0ad."""
+    name, x, y, kwargs = case
+    got, want = outcome(run_case(x, y, kwargs)), golden[name]
+    assert got["flagged"] == want["flagged"]
+    assert got["reasons"] == want["reasons"]
+    assert got["by_reason"] == want["by_reason"]
+    np.testing.assert_allclose(got["scores"], want["scores"], rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("corruption", ["clean", "flip20", "trigger-bottom-right", "schema-errors"])
+def test_the_same_digits_in_any_layout_get_the_same_audit(corruption):
+    """(N, 64) rows with image_shape (8, 8) or (1, 8, 8), (N, 1, 8, 8) and (N, 8, 8) samples (the
+    digits-mlp and digits-cnn layouts) are one audit."""
+    name, x, y, kwargs = next(case for case in cases(frozen_partitions()[:1]) if case[0].startswith(corruption))
+    layouts = [(x, (8, 8)), (x, (1, 8, 8)), (x.reshape(-1, 1, 8, 8), (1, 8, 8)), (x.reshape(-1, 8, 8), (8, 8))]
+    reports = [audit_dataset(xs, y, **(kwargs | {"image_shape": shape})) for xs, shape in layouts]
+    first = outcome(reports[0])
+    assert first["flagged"], f"{name}: the case flags something, so the comparison means something"
+    for report in reports[1:]:
+        assert outcome(report) == first
+        assert report.not_applicable == reports[0].not_applicable == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# 8: checks that cannot apply say so
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_check_that_cannot_apply_is_reported_with_its_reason(digits):
+    x_all, y_all = digits
+    x, y = x_all[:120], y_all[:120]
+    assert audit_dataset(x, y, num_classes=NUM_CLASSES, image_shape=IMAGE).not_applicable == {}
+    rows = audit_dataset(x, y, num_classes=NUM_CLASSES)
+    assert rows.not_applicable == {"trigger": "samples are not images (no image_shape)"}
+    no_range = audit_dataset(x, y, num_classes=NUM_CLASSES, feature_range=None)
+    assert no_range.not_applicable == {"out-of-range": "the task declares no feature range",
+                                       "trigger": "samples are not images (no image_shape)"}
+    assert no_range.metrics()["audit-not-applicable"] == 2
+    tiny = audit_dataset(x[:6], y[:6], num_classes=NUM_CLASSES, image_shape=IMAGE)
+    assert tiny.not_applicable == {"label-inconsistent": "fewer than 10 usable samples",
+                                   "trigger": "fewer than 10 usable samples"}
+    strip = audit_dataset(x.reshape(-1, 64, 1), y, num_classes=NUM_CLASSES, image_shape=(1, 64, 1))
+    assert strip.not_applicable == {"trigger": "images are smaller than the smallest trigger window (2 pixels)"}
+    copies = audit_dataset(np.full((30, 64), 0.5), np.zeros(30, dtype=int), num_classes=NUM_CLASSES, image_shape=IMAGE)
+    assert copies.by_reason["duplicate"] == 29 and "fewer than 10" in copies.not_applicable["trigger"]
+
+
+def test_the_review_file_names_the_checks_that_did_not_apply(digits, tmp_path):
+    x_all, y_all = digits
+    report = audit_dataset(x_all[:60], y_all[:60], num_classes=NUM_CLASSES, feature_range=None)
+    document = json.loads(report.write_review(tmp_path / "review.json").read_text())
+    assert document["not_applicable"] == report.not_applicable and len(document["not_applicable"]) == 2
+
+
+def test_not_applicable_checks_are_logged_once_per_set_of_reasons(digits, caplog, monkeypatch):
+    monkeypatch.setattr(data_audit, "_LOGGED_NOT_APPLICABLE", set())
+    logger = logging.getLogger("phalanx-test-audit")
+    x_all, y_all = digits
+    rows = audit_dataset(x_all[:60], y_all[:60], num_classes=NUM_CLASSES)
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        assert log_not_applicable_once(rows, logger) is True
+        assert log_not_applicable_once(audit_dataset(x_all[60:120], y_all[60:120], num_classes=NUM_CLASSES),
+                                       logger) is False, "the same reasons on another partition or round"
+        no_range = audit_dataset(x_all[:60], y_all[:60], num_classes=NUM_CLASSES, feature_range=None)
+        assert log_not_applicable_once(no_range, logger) is True, "a new set of reasons is said again"
+        images = audit_dataset(x_all[:60], y_all[:60], num_classes=NUM_CLASSES, image_shape=IMAGE)
+        assert log_not_applicable_once(images, logger) is False, "nothing to say"
+    lines = [record.getMessage() for record in caplog.records if record.name == logger.name]
+    assert len(lines) == 2
+    assert "trigger: samples are not images (no image_shape)" in lines[0]
+    assert "out-of-range: the task declares no feature range" in lines[1]
