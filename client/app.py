@@ -27,7 +27,7 @@ from flwr.clientapp import ClientApp
 
 from client.config import RunSettings
 from client.data import ArrayDataset
-from client.data_audit import apply_policy, audit_dataset
+from client.data_audit import apply_policy, audit_dataset, log_not_applicable_once
 from client.hooks import AttackContext, AttackRole, attack_role
 from client.integrity import load_verified_npz
 from client.privacy import privatize_update
@@ -36,7 +36,7 @@ from client.training import training_device
 from client.wire import flat_vector, load_arrays, load_flat_vector, to_arrays
 
 app = ClientApp()
-logger = logging.getLogger("phalanx.client")
+logger = logging.getLogger("flwr")  # Flower's logger: shown by its simulation engine and SuperNodes
 
 # A client process trains one small model at a time: one thread avoids oversubscribing the
 # cores that the simulation engine's other actors share.
@@ -126,6 +126,7 @@ def _audit(settings: RunSettings, data: ArrayDataset, partition_id: int, server_
     """
     report = audit_dataset(data.x, data.y, num_classes=data.num_classes, image_shape=data.image_shape,
                            feature_range=data.feature_range, seed=settings.seed)
+    log_not_applicable_once(report, logger)  # a check that cannot apply to this task's data says so, once
     review = None
     if settings.data_audit == "drop-and-review":
         review = settings.out_dir / "data-audit" / f"partition-{partition_id}-round-{server_round}.json"
@@ -136,17 +137,20 @@ def _audit(settings: RunSettings, data: ArrayDataset, partition_id: int, server_
     return data.with_arrays(x, y), report.metrics()
 
 
-def _attack_context(role: AttackRole, settings: RunSettings, run_config: dict, context: Context,
-                    server_round: int, global_vector: torch.Tensor) -> AttackContext:
-    """What an attacker knows this round; it remembers the global model it saw last time."""
+def _attack_context(role: AttackRole, run_config: dict, context: Context, server_round: int,
+                    global_vector: torch.Tensor) -> AttackContext:
+    """What an attacker knows this round; it remembers the global model it saw last time.
+
+    The memory is kept from the attacker's first round on, attack-start-round or not, so an
+    attack that starts late (Neurotoxin) already knows the previous global model.
+    """
     partition_id, _ = _partition(context)
     previous = None
     if _PREVIOUS_GLOBAL in context.state:
-        previous = torch.from_numpy(context.state[_PREVIOUS_GLOBAL]["vector"].numpy()).to(global_vector.dtype)
+        previous = torch.from_numpy(context.state[_PREVIOUS_GLOBAL]["vector"].numpy().copy()).to(global_vector.dtype)
     context.state[_PREVIOUS_GLOBAL] = ArrayRecord({"vector": _array(global_vector)})
-    return AttackContext(server_round=server_round, partition_id=partition_id, attacker_index=role.attacker_index,
-                         num_attackers=settings.num_malicious, global_vector=global_vector, previous_global=previous,
-                         run_config=run_config)
+    return role.context(server_round=server_round, partition_id=partition_id, global_vector=global_vector,
+                        previous_global=previous, run_config=run_config)
 
 
 def _array(vector: torch.Tensor):
@@ -192,8 +196,6 @@ def train(msg: Message, context: Context) -> Message:
     data, provenance = _local_data(task, settings, run_config, context)
     role = attack_role(settings.attack, settings.attack_params, partition_id=partition_id,
                        num_clients=settings.num_clients, num_malicious=settings.num_malicious, seed=settings.seed)
-    if server_round < settings.attack_start_round:
-        role = None
     rng = np.random.default_rng([settings.seed, partition_id, server_round])
     train_seed = int(rng.integers(2**62))
 
@@ -201,8 +203,10 @@ def train(msg: Message, context: Context) -> Message:
     load_arrays(model, msg.content["arrays"])
     global_vector = flat_vector(model)
     attack_context = None
-    if role is not None:
-        attack_context = _attack_context(role, settings, run_config, context, server_round, global_vector)
+    if role is not None and role.malicious:
+        attack_context = _attack_context(role, run_config, context, server_round, global_vector)
+    if server_round < settings.attack_start_round:
+        role = None  # honest until the attack starts
     if role is not None and role.transforms_data:
         x, y = _call_hook(role.attack.poison_data, data.x, data.y, num_classes=data.num_classes,
                           image_shape=data.image_shape, rng=rng, context=attack_context)

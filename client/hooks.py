@@ -31,18 +31,6 @@ import torch
 ATTACK_PLUGIN = "simulations.attacks"
 
 
-def float_state_vector(state_dict: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """The layout of :attr:`AttackContext.global_vector`: the floating-point entries of a
-    ``state_dict``, in order, flattened and concatenated (float32, CPU).
-
-    Integer and boolean buffers (BatchNorm's ``num_batches_tracked``) are left out: they are not
-    trained, and an attack has nothing to do with them.
-    """
-    parts = [value.detach().reshape(-1).to("cpu", torch.float32) for value in state_dict.values()
-             if torch.is_floating_point(value)]
-    return torch.cat(parts) if parts else torch.zeros(0)
-
-
 @dataclass(frozen=True)
 class AttackContext:
     """What an attacking client knows in one round, handed to ``poison_data`` and ``poison_update``.
@@ -61,7 +49,7 @@ class AttackContext:
     global_vector : torch.Tensor
         Flat float vector of the model this client received: the floating-point entries of the
         model's ``state_dict``, in order (integer buffers excluded; see
-        :func:`float_state_vector`). Updates passed to ``poison_update`` have this layout.
+        :func:`client.wire.flat_vector`). Updates passed to ``poison_update`` have this layout.
     previous_global : torch.Tensor or None
         The same for the previous round this client trained in (None the first time). With
         client sampling that round may be several rounds back.

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from client.hooks import AttackContext, AttackRole, attack_role, float_state_vector
+from client.hooks import AttackContext, AttackRole, attack_role
+from client.wire import flat_vector
 from simulations.attacks import malicious_partitions
 
 
@@ -49,11 +50,11 @@ def test_an_inconsistent_context_is_refused(kwargs, message):
         AttackContext(**(fields | kwargs))
 
 
-def test_float_state_vector_skips_integer_buffers_and_keeps_state_dict_order():
+def test_the_flat_vector_skips_integer_buffers_and_keeps_state_dict_order():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2), torch.nn.Linear(4, 3).double())
     state = model.state_dict()
     assert any(not torch.is_floating_point(v) for v in state.values())   # num_batches_tracked
-    flat = float_state_vector(state)
-    expected = torch.cat([v.reshape(-1).float() for v in state.values() if torch.is_floating_point(v)])
-    assert flat.dtype == torch.float32 and torch.equal(flat, expected)
+    flat = flat_vector(state)
+    expected = torch.cat([v.reshape(-1).double() for v in state.values() if torch.is_floating_point(v)])
+    assert flat.dtype == torch.float64 and torch.equal(flat, expected)  # float64 as soon as one entry is
     assert flat.numel() == sum(v.numel() for k, v in state.items() if "num_batches_tracked" not in k)
