@@ -68,6 +68,7 @@ class RunSettings:
     policy: str = "flag"
     flag_threshold: float = 0.5
     min_replies: int = 1
+    rollback_rounds: int = 0
     max_update_norm: float = 0.0
     max_num_examples: int = 100_000
     data_audit: str = "off"
@@ -129,6 +130,8 @@ class RunSettings:
             problems.append(f"flag-threshold must be in (0, 1], got {self.flag_threshold}")
         if self.min_replies < 1:
             problems.append(f"min-replies must be >= 1, got {self.min_replies}")
+        if self.rollback_rounds < 0:
+            problems.append(f"rollback-rounds must be >= 0 (0 = no rollback), got {self.rollback_rounds}")
         if self.data_audit not in DATA_AUDIT_POLICIES:
             problems.append(f"data-audit must be one of {DATA_AUDIT_POLICIES}, got {self.data_audit!r}")
         if not (math.isfinite(self.max_update_norm) and self.max_update_norm >= 0):

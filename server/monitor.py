@@ -194,6 +194,15 @@ class TrainingMonitor:
                                f"({basis} {centre:.4g} from the last {recent} rounds, k = {self.k:g})"}
         return None
 
+    def amend(self, server_round: int, loss: float | None, accuracy: float | None) -> None:
+        """Replace the last observed round's values (its alerts stay): after a rollback, the
+        history must describe the model that was kept, or a persistent attack would fill the
+        window with poisoned values and stop alerting."""
+        if not self.history or self.history[-1]["round"] != int(server_round):
+            raise ValueError(f"monitor: round {server_round} is not the last observed round")
+        for metric, value in (("loss", loss), ("accuracy", accuracy)):
+            self.history[-1][metric] = float(value) if value is not None and math.isfinite(float(value)) else None
+
     # ----------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """JSON-able history and alerts (settings included for reference)."""

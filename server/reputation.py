@@ -27,6 +27,10 @@ Policies (what the strategy does with flags):
     its flag count since release at 0 (its reputation is kept).
 ``trust-weighted``
     Every update is aggregated with its weight multiplied by ``1 - reputation``.
+
+Independently of the policy, the server can put a node in quarantine itself
+(:meth:`Reputation.force_quarantine`): a rollback does so for the nodes flagged in the rounds
+it undoes.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class Reputation:
         self._strikes: dict[int, int] = {}
         # node -> (first, last) round of its current or latest quarantine, inclusive.
         self._quarantine: dict[int, tuple[int, int]] = {}
+        # node -> (first, last) round of a quarantine the server imposed (rollback), any policy.
+        self._forced: dict[int, tuple[int, int]] = {}
         self._last_round: int | None = None
 
     # ------------------------------------------------------------------------------------ views
@@ -160,14 +166,29 @@ class Reputation:
             strikes = 0
         self._strikes[node] = strikes
 
+    def force_quarantine(self, node_id: int, first_round: int, last_round: int) -> None:
+        """Keep a node out of rounds ``first_round`` .. ``last_round`` under any policy (a rollback's verdict)."""
+        if last_round < first_round:
+            raise ValueError(f"quarantine of node {node_id}: last round {last_round} before first {first_round}")
+        node = int(node_id)
+        current = self._forced.get(node)
+        if current is not None and current[1] >= first_round:
+            first_round = min(first_round, current[0])
+            last_round = max(last_round, current[1])
+        self._forced[node] = (int(first_round), int(last_round))
+
     # ----------------------------------------------------------------------------------- policy
     def is_quarantined(self, node_id: int, server_round: int) -> bool:
         """Whether the node is in quarantine in this round.
 
         A quarantine triggered in round r covers rounds r (its update is dropped) through
-        r + ``quarantine_rounds`` (not sampled); the node is back from round r + K + 1. Always
-        False unless the policy is ``quarantine``.
+        r + ``quarantine_rounds`` (not sampled); the node is back from round r + K + 1. Policy
+        quarantines count only under the ``quarantine`` policy; forced ones
+        (:meth:`force_quarantine`) under every policy.
         """
+        forced = self._forced.get(int(node_id))
+        if forced is not None and forced[0] <= server_round <= forced[1]:
+            return True
         if self.policy != "quarantine":
             return False
         window = self._quarantine.get(int(node_id))
@@ -192,7 +213,7 @@ class Reputation:
                     if s >= self.threshold or self._reputation.get(n, 0.0) >= self.threshold}
         if self.policy == "quarantine":
             return {n for n in nodes if self.is_quarantined(n, server_round)}
-        return set()
+        return {n for n in nodes if n in self._forced and self.is_quarantined(n, server_round)}
 
     def trust_weights(self, node_ids: list[int]) -> torch.Tensor:
         """``1 - reputation`` per node (1 for nodes never seen), float64 on the CPU.
@@ -218,6 +239,7 @@ class Reputation:
             "flags": {str(n): c for n, c in self._flags.items()},
             "strikes": {str(n): c for n, c in self._strikes.items()},
             "quarantine": {str(n): [a, b] for n, (a, b) in self._quarantine.items()},
+            "forced": {str(n): [a, b] for n, (a, b) in self._forced.items()},
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -238,6 +260,7 @@ class Reputation:
             flags = {int(n): int(c) for n, c in state["flags"].items()}
             strikes = {int(n): int(c) for n, c in state["strikes"].items()}
             quarantine = {int(n): (int(w[0]), int(w[1])) for n, w in state["quarantine"].items()}
+            forced = {int(n): (int(w[0]), int(w[1])) for n, w in state.get("forced", {}).items()}
             last_round = None if state["last_round"] is None else int(state["last_round"])
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
             raise ValueError(f"reputation state: malformed entry ({error!r})") from None
@@ -245,7 +268,7 @@ class Reputation:
         if bad:
             raise ValueError(f"reputation state: reputation of nodes {bad} not in [0, 1]")
         self._reputation, self._flags, self._strikes = reputation, flags, strikes
-        self._quarantine, self._last_round = quarantine, last_round
+        self._quarantine, self._last_round, self._forced = quarantine, last_round, forced
 
     # -------------------------------------------------------------------------------- helpers
     @staticmethod

@@ -25,6 +25,12 @@ Safeguards in the loop itself:
 * a round whose central metrics turn **non-finite** is not kept: the metrics are recorded as
   null, the monitor alerts, and the global model and the rule's state go back to what they
   were before the round (``reverted`` in the record); reputation and privacy spent are kept;
+* **rollback** (``rollback_rounds = k > 0``): when the monitor alerts in round r, the global
+  model and the rule's and optimizer's state go back to the end of round r - k (kept in
+  memory, and in the checkpoint), the nodes flagged in the undone rounds r - k + 1 .. r are
+  quarantined for ``quarantine_rounds`` rounds under any policy, the restored model is
+  evaluated again, and training goes on. The rollback is in the round's record, the audit
+  chain, ``summary.json`` (``rollbacks``) and the report;
 * a **DP budget** (``target_epsilon``) stops training cleanly before the round that would
   exceed it;
 * **resume** refuses a checkpoint of another run (its identity: a run id drawn at the start and
@@ -72,7 +78,7 @@ SUMMARY_ROUND_KEYS = (
     "round", "accuracy", "loss", "accepted", "rejected", "scores", "flagged", "excluded", "selected", "reputation",
     "features", "skipped", "alerts", "epsilon", "backdoor_asr", "train_loss", "seconds", "aggregation_seconds",
     "client_reports", "noise_std", "clip_norm", "next_clip_norm", "null_clients", "skip_reason", "reverted",
-    "central_metrics", "federated_evaluation", "shared_manifests",
+    "central_metrics", "federated_evaluation", "shared_manifests", "rollback",
 )
 #: Files of a run, moved aside together when a fresh run starts in the same directory.
 RUN_FILES = ("audit.jsonl", "checkpoint.pt", "summary.json", "scores.csv", "report.html", "model.pt")
@@ -165,6 +171,10 @@ class RobustRun:
         Where each round's head is published outside the run directory: a file path, or
         ``"command:ARGV"`` (:func:`server.audit.anchor_from_spec`). A failure to publish stops
         the run: the record is in the log, and resuming publishes the head again.
+    rollback_rounds : int
+        Rounds a monitor alert undoes (0: no rollback; see the module docstring).
+    quarantine_rounds : int
+        Rounds the nodes flagged in undone rounds are kept out after a rollback.
     """
 
     def __init__(
@@ -180,7 +190,12 @@ class RobustRun:
         summary_extra: Callable[[list[dict]], dict] | None = None,
         audit_key: Any = None,
         audit_anchor: Any = None,
+        rollback_rounds: int = 0,
+        quarantine_rounds: int = 3,
     ) -> None:
+        if rollback_rounds < 0 or quarantine_rounds < 1:
+            raise ValueError(f"rollback_rounds must be >= 0 and quarantine_rounds >= 1, got {rollback_rounds} "
+                             f"and {quarantine_rounds}")
         self.strategy = strategy
         self.files = RunFiles(out_dir) if out_dir is not None else None
         self.config = dict(config or {})
@@ -197,6 +212,11 @@ class RobustRun:
         self.initial_evaluation: dict | None = None
         self.started = time.time()
         self.audit: AuditLog | None = None
+        self.rollback_rounds = int(rollback_rounds)
+        self.quarantine_rounds = int(quarantine_rounds)
+        self.rollbacks: list[dict] = []
+        # round -> (global arrays, strategy.model_state(), central metrics) at the end of that round.
+        self._snapshots: dict[int, tuple[ArrayRecord, dict, dict | None]] = {}
         self._result = Result()
 
     # ------------------------------------------------------------------ identity
@@ -230,6 +250,8 @@ class RobustRun:
             if initial is not None:
                 self._result.evaluate_metrics_serverapp[0] = initial
                 self.initial_evaluation = strict_json(dict(initial))
+        if checkpoint is None:
+            self._snapshot(0, arrays, self.initial_evaluation)
         self.strategy.summary()
 
         for server_round in range(first_round, num_rounds + 1):
@@ -291,12 +313,56 @@ class RobustRun:
         for alert in alerts:
             log(WARNING, "monitor: %s", alert)
         record["alerts"] = alerts
+        if alerts and self.rollback_rounds and "reverted" not in record:
+            arrays = self._roll_back(server_round, record, evaluate_fn)
+        self._snapshot(server_round, arrays, record.get("central_metrics"))
         record["seconds"] = time.perf_counter() - started
         self.records.append(record)
         if self.files is not None:
             self._persist(server_round, arrays, record)
         if self.on_round is not None:
             self.on_round(record)
+        return arrays
+
+    # ------------------------------------------------------------------ rollback
+    def _snapshot(self, server_round: int, arrays: ArrayRecord, metrics: dict | None) -> None:
+        if not self.rollback_rounds:
+            return
+        self._snapshots[server_round] = (arrays, self.strategy.model_state(), metrics)
+        for old in [r for r in self._snapshots if r < server_round - self.rollback_rounds]:
+            del self._snapshots[old]
+
+    def _roll_back(self, server_round: int, record: dict, evaluate_fn: Callable | None) -> ArrayRecord:
+        """Undo the last ``rollback_rounds`` rounds after an alert; quarantine who was flagged in them."""
+        target = max(min(self._snapshots), server_round - self.rollback_rounds)
+        arrays, model_state, _ = self._snapshots[target]
+        undone = list(range(target + 1, server_round + 1))
+        flagged = set(record.get("flagged", []))
+        for earlier in self.records:
+            if earlier["round"] in undone:
+                flagged.update(earlier.get("flagged", []))
+        quarantine = (server_round + 1, server_round + self.quarantine_rounds)
+        for node in sorted(flagged):
+            self.strategy.reputation.force_quarantine(node, *quarantine)
+        self.strategy.load_model_state(model_state)
+        rollback = {"round": server_round, "restored_round": target, "undone_rounds": undone,
+                    "quarantined": sorted(int(n) for n in flagged), "quarantine_rounds": list(quarantine),
+                    "alerts": list(record["alerts"])}
+        if evaluate_fn is not None:  # the record describes the model that is kept
+            restored = evaluate_fn(server_round, arrays)
+            if restored is not None:
+                values = dict(restored)
+                rollback["discarded_metrics"] = record.get("central_metrics")
+                record["central_metrics"] = strict_json(values)
+                for key, value in values.items():
+                    record[key.replace("-", "_")] = value if _finite(value) else None
+                self._result.evaluate_metrics_serverapp[server_round] = restored
+                loss_key, accuracy_key = self.metric_keys
+                self.monitor.amend(server_round, values.get(loss_key), values.get(accuracy_key))
+        record["rollback"] = strict_json(rollback)
+        self.rollbacks.append(record["rollback"])
+        log(WARNING, "round %d: rolled back to the model of round %d; quarantined %s for rounds %d-%d",
+            server_round, target, rollback["quarantined"] or "nobody", *quarantine)
         return arrays
 
     # ------------------------------------------------------------------ files
@@ -389,6 +455,10 @@ class RobustRun:
         self.monitor.load_state_dict(checkpoint["monitor"])
         self.records = list(checkpoint["records"])
         self.initial_evaluation = checkpoint.get("initial_evaluation")
+        self.rollbacks = list(checkpoint.get("rollbacks", []))
+        for round_key, snap in checkpoint.get("snapshots", {}).items():
+            snap_arrays = vector_to_arrays(snap["global"], spec, {k: v.numpy() for k, v in snap["others"].items()})
+            self._snapshots[int(round_key)] = (snap_arrays, snap["model_state"], snap["metrics"])
         self.started = time.time() - float(checkpoint.get("elapsed", 0.0))
         for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp"):
             history = getattr(self._result, name)
@@ -415,6 +485,11 @@ class RobustRun:
             "records": strict_json(self.records),
             "initial_evaluation": self.initial_evaluation,
             "elapsed": time.time() - self.started,
+            "rollbacks": strict_json(self.rollbacks),
+            "snapshots": {str(r): {"global": arrays_to_vector(a, spec),
+                                   "others": {k: torch.from_numpy(np.array(v)) for k, v in other_entries(a, spec).items()},
+                                   "model_state": state, "metrics": metrics}
+                          for r, (a, state, metrics) in self._snapshots.items()},
             "result": {name: {str(r): strict_json(dict(m)) for r, m in getattr(self._result, name).items()}
                        for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp",
                                     "evaluate_metrics_serverapp")},
@@ -452,6 +527,7 @@ class RobustRun:
             "accuracy": record.get("accuracy"),
             "loss": record.get("loss"),
             "alerts": record.get("alerts", []),
+            "rollback": record.get("rollback"),
             "epsilon": record.get("epsilon"),
         })
 
@@ -476,6 +552,7 @@ class RobustRun:
             "stopped_early": self.stopped_early,
             "initial_evaluation": self.initial_evaluation,
             "alerts": list(self.monitor.alerts),
+            "rollbacks": list(self.rollbacks),
             "rounds": [{k: r[k] for k in SUMMARY_ROUND_KEYS if k in r} for r in self.records],
         }
         if self.summary_extra is not None:

@@ -9,7 +9,7 @@ def test_a_norm_bounded_backdoor_passes_the_servers_norm_check_every_round_and_i
     """Scaled to just inside ``max-update-norm`` (2.5, above the honest norms of ~1.2-2.1 on
     digits), the attackers' updates are never rejected, and plain averaging learns the trigger.
     The bound is given explicitly (``norm=2.5``) so that the run needs no attack context."""
-    summary = run_federation({"attack": "norm-bounded-backdoor", "attack-params": "norm=2.5", "max-update-norm": 2.5,
+    summary = run_federation({"attack": "norm-bounded-backdoor", "num-malicious": 2, "attack-params": "norm=2.5", "max-update-norm": 2.5,
                               "aggregator": "mean", "num-byzantine": 0, "rounds": 4, "out": str(tmp_path / "run")})
     attackers = {str(n) for n in summary["malicious_nodes"]}
     assert len(attackers) == 2
