@@ -189,12 +189,13 @@ class RunSettings:
         return self.attack not in ("", "none")
 
     def config_hash(self) -> str:
-        """SHA-256 of the settings that identify the run: every key but ``resume``.
+        """SHA-256 of the settings that identify the run: every key but ``resume`` and ``rounds``.
 
         ``out`` is included (as the resolved directory), so a checkpoint copied from another
-        run directory is refused even when every other setting matches.
+        run directory is refused even when every other setting matches; ``rounds`` is not, so a
+        resumed run may go on for more rounds.
         """
-        relevant = {k: v for k, v in asdict(self).items() if k != "resume"}
+        relevant = {k: v for k, v in asdict(self).items() if k not in ("resume", "rounds")}
         relevant["out"] = str(self.out_dir)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 

@@ -221,8 +221,11 @@ class RobustRun:
 
     # ------------------------------------------------------------------ identity
     def config_hash(self) -> str:
-        """SHA-256 of the config and the run directory: what a resumed checkpoint must match."""
-        identity = {k: v for k, v in self.config.items() if k != "resume"}
+        """SHA-256 of the config and the run directory: what a resumed checkpoint must match.
+
+        ``resume`` and ``rounds`` are left out: a resumed run may go on for more rounds.
+        """
+        identity = {k: v for k, v in self.config.items() if k not in ("resume", "rounds")}
         identity["out"] = str(self.files.root) if self.files is not None else None
         return hashlib.sha256(canonical_json(strict_json(identity)).encode()).hexdigest()
 
