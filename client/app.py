@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ torch.set_num_threads(1)
 #: context.state key under which an attacker keeps the last global model it received.
 _PREVIOUS_GLOBAL = "phalanx-previous-global"
 #: Metric keys Phalanx puts in a train reply itself (the task's own metrics join them).
-_RESERVED = ("num-examples", "partition-id")
+_RESERVED = ("num-examples", "partition-id", "train-seconds")
 
 
 def _partition(context: Context) -> tuple[int, int]:
@@ -88,15 +89,17 @@ def _as_array_dataset(data: Any, info: DataInfo) -> ArrayDataset:
     return ArrayDataset(x, y, info.num_classes, info.image_shape, info.feature_range)
 
 
-def _local_data(task: Task, settings: RunSettings, run_config: dict, context: Context) -> tuple[ArrayDataset, dict]:
-    """This client's training data, verified when it comes from files, and where it came from."""
+def _local_data(task: Task, settings: RunSettings, run_config: dict, context: Context
+                ) -> tuple[Any, ArrayDataset, dict]:
+    """This client's training data (as the task gave it, and as arrays), verified when it comes
+    from files, and where it came from."""
     partition_id, num_partitions = _partition(context)
     data_dir = str(context.node_config.get("data-dir", settings.data_dir))
     if not data_dir:
         raw = task.load_partition(partition_id, num_partitions, run_config)
         data = _as_array_dataset(raw, _data_info(task, raw, run_config))
-        return data, {"data-source": f"{task.name} partition {partition_id}/{num_partitions}",
-                      "data-digest": data.digest()}
+        return raw, data, {"data-source": f"{task.name} partition {partition_id}/{num_partitions}",
+                           "data-digest": data.digest()}
     # Files: the schema (classes, sample shape, feature range) is the task's held-out split's.
     info = _schema(task, run_config)
     path = Path(data_dir.replace("{partition-id}", str(partition_id))).expanduser() / "train.npz"
@@ -115,7 +118,7 @@ def _local_data(task: Task, settings: RunSettings, run_config: dict, context: Co
             raise ValueError(f"{path}: samples of shape {x.shape[1:]}, task {task.name!r} takes {info.sample_shape}")
         x = x.reshape(len(x), *info.sample_shape)
     data = ArrayDataset(x, y, info.num_classes, info.image_shape, info.feature_range)
-    return data, {"data-source": str(path), "data-digest": data.digest(), "manifest-digest": manifest_digest}
+    return data, data, {"data-source": str(path), "data-digest": data.digest(), "manifest-digest": manifest_digest}
 
 
 def _audit(settings: RunSettings, data: ArrayDataset, partition_id: int, server_round: int) -> tuple[ArrayDataset, dict]:
@@ -193,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
     task = load_task(settings.task)
     server_round = int(msg.content["config"]["server-round"])
     partition_id, _ = _partition(context)
-    data, provenance = _local_data(task, settings, run_config, context)
+    raw, data, provenance = _local_data(task, settings, run_config, context)
     role = attack_role(settings.attack, settings.attack_params, partition_id=partition_id,
                        num_clients=settings.num_clients, num_malicious=settings.num_malicious, seed=settings.seed)
     rng = np.random.default_rng([settings.seed, partition_id, server_round])
@@ -210,15 +213,19 @@ def train(msg: Message, context: Context) -> Message:
     if role is not None and role.transforms_data:
         x, y = _call_hook(role.attack.poison_data, data.x, data.y, num_classes=data.num_classes,
                           image_shape=data.image_shape, rng=rng, context=attack_context)
-        data = data.with_arrays(x, y)
+        data = raw = data.with_arrays(x, y)
     audit_metrics: dict = {}
     attacker = role is not None and role.malicious and not getattr(role.attack, "targets_honest", False)
     if settings.data_audit != "off" and not attacker:  # an attacker does not clean its own poison
         data, audit_metrics = _audit(settings, data, partition_id, server_round)
+        raw = data  # what the audit kept
 
     # Every task's train draws from torch's global generator: seeded per (seed, partition, round).
     torch.manual_seed(train_seed)
-    task_metrics = task.train(model, data, run_config, training_device(context.node_config))
+    started = time.perf_counter()
+    # The task's own dataset when nothing transformed it, else the transformed arrays (an ArrayDataset).
+    task_metrics = task.train(model, raw, run_config, training_device(context.node_config))
+    train_seconds = time.perf_counter() - started
     update = flat_vector(model) - global_vector
     generator = torch.default_generator  # continues where training left it: reproducible
     if role is not None and role.transforms_update:
@@ -229,7 +236,7 @@ def train(msg: Message, context: Context) -> Message:
     load_flat_vector(model, global_vector + update)
 
     metrics = {"num-examples": len(data), **_reply_metrics(task_metrics), "partition-id": partition_id,
-               **audit_metrics}
+               "train-seconds": train_seconds, **audit_metrics}
     reply = RecordDict({"arrays": to_arrays(model), "metrics": MetricRecord(metrics),
                         "provenance": ConfigRecord(provenance)})
     return Message(reply, reply_to=msg)
@@ -241,9 +248,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     run_config = dict(context.run_config)
     settings = RunSettings.from_run_config(run_config)
     task = load_task(settings.task)
-    data, _ = _local_data(task, settings, run_config, context)
+    raw, data, _ = _local_data(task, settings, run_config, context)
     model = task.build_model(run_config)
     load_arrays(model, msg.content["arrays"])
-    metrics = task.evaluate(model, data, training_device(context.node_config))
+    metrics = task.evaluate(model, raw, training_device(context.node_config))
     values = {"num-examples": len(data), **_reply_metrics(metrics)}
     return Message(RecordDict({"metrics": MetricRecord(values)}), reply_to=msg)

@@ -85,6 +85,11 @@ class ArrayDataset(TorchDataset):
         return torch.from_numpy(np.asarray(self.x[index])), int(self.y[index])
 
     @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)`` as tensors, as ``torch.utils.data.TensorDataset.tensors`` gives them."""
+        return torch.from_numpy(np.asarray(self.x)), torch.from_numpy(np.asarray(self.y))
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample."""
         return tuple(int(s) for s in self.x.shape[1:])

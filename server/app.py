@@ -113,14 +113,14 @@ class CentralEvaluation:
         The run's task.
     run_config : dict
         Passed to ``build_model``.
-    test : ArrayDataset
-        The server's held-out split.
+    test : Dataset
+        The server's held-out split, as the task returned it.
     triggered : ArrayDataset | None
         Test inputs carrying a backdoor trigger, labelled with its target: their accuracy is
         the attack's success rate (``backdoor-asr``).
     """
 
-    def __init__(self, task: Task, run_config: dict, test: ArrayDataset, triggered: ArrayDataset | None) -> None:
+    def __init__(self, task: Task, run_config: dict, test, triggered: ArrayDataset | None) -> None:
         self.task = task
         self.test = test
         self.triggered = triggered
@@ -141,7 +141,8 @@ def run_server(grid: Grid, settings: RunSettings) -> dict:
     """Run every round, evaluating centrally after each; return the summary written to disk."""
     task = load_task(settings.task)
     run_config = settings.to_run_config()
-    test = _as_array_dataset(task, task.load_test(run_config))
+    raw_test = task.load_test(run_config)
+    test = _as_array_dataset(task, raw_test)
     attack = simulated_attack(settings.attack, settings.attack_params, num_clients=settings.num_clients,
                               num_malicious=settings.num_malicious, seed=settings.seed,
                               start_round=settings.attack_start_round)
@@ -149,7 +150,8 @@ def run_server(grid: Grid, settings: RunSettings) -> dict:
     torch.manual_seed(settings.seed)
     model = task.build_model(run_config)
     strategy = build_strategy(settings, attack, dtypes_of(model))
-    evaluation = CentralEvaluation(task, run_config, test, triggered)
+    # The task's own evaluate gets its own dataset; the arrays serve the backdoor's triggered copy.
+    evaluation = CentralEvaluation(task, run_config, raw_test, triggered)
     effective = {"lr": task.effective_config(run_config)["lr"]}
     run = RobustRun(strategy, settings.out_dir, config=run_config, resume=settings.resume,
                     on_round=lambda record: _print_row(record, strategy.epsilon()),

@@ -78,7 +78,7 @@ SUMMARY_ROUND_KEYS = (
     "round", "accuracy", "loss", "accepted", "rejected", "scores", "flagged", "excluded", "selected", "reputation",
     "features", "skipped", "alerts", "epsilon", "backdoor_asr", "train_loss", "seconds", "aggregation_seconds",
     "client_reports", "noise_std", "clip_norm", "next_clip_norm", "null_clients", "skip_reason", "reverted",
-    "central_metrics", "federated_evaluation", "shared_manifests", "rollback",
+    "central_metrics", "federated_evaluation", "shared_manifests", "rollback", "discarded_metrics",
 )
 #: Files of a run, moved aside together when a fresh run starts in the same directory.
 RUN_FILES = ("audit.jsonl", "checkpoint.pt", "summary.json", "scores.csv", "report.html", "model.pt")
@@ -299,23 +299,31 @@ class RobustRun:
             values = dict(central)
             broken = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
             loss, accuracy = values.get(loss_key), values.get(accuracy_key)
+            kept = values
             if broken:
-                # The update that made the model non-finite is not kept: back to the round's start.
+                # The update that made the model non-finite is not kept: back to the round's start,
+                # and the record describes the model that is kept (the discarded one's metrics stay
+                # as evidence).
                 record["reverted"] = (f"central {', '.join(broken)} non-finite after aggregation: the round's update "
                                       "was discarded and the global model restored")
                 log(WARNING, "round %d: %s", server_round, record["reverted"])
                 arrays = before_arrays
                 self.strategy.load_model_state(before_state)
-            else:
-                self._result.evaluate_metrics_serverapp[server_round] = central
-            record["central_metrics"] = strict_json(values)
-            for key, value in values.items():
+                record["discarded_metrics"] = strict_json(values)
+                restored = evaluate_fn(server_round, arrays)
+                kept = dict(restored) if restored is not None else {}
+            if kept:
+                self._result.evaluate_metrics_serverapp[server_round] = MetricRecord(kept)
+            record["central_metrics"] = strict_json(kept)
+            for key, value in kept.items():
                 record[key.replace("-", "_")] = value if _finite(value) else None
         alerts = self.monitor.observe(server_round, loss if isinstance(loss, (int, float)) else None,
                                       accuracy if isinstance(accuracy, (int, float)) else None)
         for alert in alerts:
             log(WARNING, "monitor: %s", alert)
         record["alerts"] = alerts
+        if "reverted" in record:  # the monitor alerted on the discarded model; its history holds the kept one
+            self.monitor.amend(server_round, record.get(loss_key), record.get(accuracy_key))
         if alerts and self.rollback_rounds and "reverted" not in record:
             arrays = self._roll_back(server_round, record, evaluate_fn)
         self._snapshot(server_round, arrays, record.get("central_metrics"))
@@ -524,6 +532,7 @@ class RobustRun:
             "aggregate_sha256": record.get("aggregate_sha256"),
             "skipped": record.get("skipped", False),
             "reverted": record.get("reverted"),
+            "discarded_metrics": record.get("discarded_metrics"),
             "client_reports": record.get("client_reports", {}),
             "shared_manifests": record.get("shared_manifests", {}),
             "central_metrics": record.get("central_metrics"),

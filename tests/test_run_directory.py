@@ -110,12 +110,15 @@ def test_a_round_that_makes_the_model_non_finite_is_not_kept(tmp_path):
     summary = run_federation({"aggregator": "mean", "num-byzantine": 0, "attack": "scaling",
                               "attack-params": "scale=1e35", "num-malicious": 1, "rounds": 3, "out": str(out)})
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    initial = summary["initial_evaluation"]
     for record in summary["rounds"]:
-        assert record["loss"] is None and "non-finite" in record["reverted"]
+        assert "non-finite" in record["reverted"] and record["discarded_metrics"]["loss"] is None
         assert any("loss is nan" in alert or "loss is inf" in alert for alert in record["alerts"])
+        # what is recorded is the model kept: the round's start, i.e. the initial model
+        assert record["loss"] == initial["loss"] and record["accuracy"] == initial["accuracy"]
     strict_load(out / "summary.json")
     assert verify(out / "audit.jsonl").ok
-    assert summary["final_accuracy"] is None and summary["initial_evaluation"]["accuracy"] > 0
+    assert summary["final_accuracy"] == initial["accuracy"]
 
 
 def test_rollback_undoes_a_late_attack_and_ends_near_the_clean_run(tmp_path, clean_mean_run):

@@ -51,6 +51,7 @@ class WithOwnLoops:
     """The same task with the user's own train and evaluate (Flower-style metric names)."""
 
     num_classes = 2
+    defaults = {"lr": 0.05}
     build_model = staticmethod(build_model)
     load_partition = staticmethod(load_partition)
     load_test = staticmethod(load_test)
