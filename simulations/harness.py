@@ -1,16 +1,28 @@
-"""Run Phalanx's ServerApp and ClientApp on Flower's simulation engine, in this process.
+"""Run Phalanx's ServerApp and ClientApp as one federation, on one of two engines.
 
-This is the engine behind ``flwr run`` (``flwr-simulation`` calls the same
-``_run_simulation``), driven directly so that an experiment needs no SuperLink process, starts
-and stops Ray itself, and leaves nothing running when it returns.
+* ``engine="inprocess"`` (the default): :mod:`simulations.inprocess` calls the ClientApp in this
+  process through a Flower Grid, every message through Flower's wire form. No engine to start:
+  a run costs its rounds.
+* ``engine="ray"``: Flower's simulation engine, the one behind ``flwr run`` (``flwr-simulation``
+  calls the same ``_run_simulation``), driven directly so that an experiment needs no SuperLink
+  process, starts and stops Ray itself (or joins a running Ray cluster, ``ray_address``), and
+  leaves nothing running when it returns. Clients run in Ray actors, two at once on two cores.
+
+For a fixed seed both engines give the same per-round numbers (tests/test_inprocess_engine.py):
+the ClientApp seeds its own training, the server's global RNG is not shared with clients on
+either engine, and both hand partitions to nodes in ascending node-id order, so the strategy
+(which orders replies by node id) stacks the same rows in the same order.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +34,11 @@ OFFLINE_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
+
+#: The engines a federation can run on.
+ENGINES = ("inprocess", "ray")
+#: The engine of ``simulations run``/``sweep`` and :func:`run_federation` unless told otherwise.
+DEFAULT_ENGINE = "inprocess"
 
 
 def project_dir() -> Path:
@@ -36,41 +53,63 @@ def default_config() -> dict[str, Any]:
     return dict(get_project_config(project_dir())["tool"]["flwr"]["app"]["config"])
 
 
-def run_federation(overrides: dict[str, Any], *, verbose: bool = False) -> dict:
-    """Run one federated training on the simulation engine and return its summary.
+def check_engine(engine: str) -> str:
+    """Return ``engine`` if it is one of :data:`ENGINES`; a ValueError names it otherwise."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine {engine!r} is not one of {list(ENGINES)}")
+    return engine
+
+
+def run_federation(overrides: dict[str, Any], *, engine: str = DEFAULT_ENGINE, verbose: bool = False,
+                   progress: Any = None, ray_address: str | None = None) -> dict:
+    """Run one federated training and return its summary.
 
     Parameters
     ----------
     overrides : dict
         Run-config keys (dash-case) that differ from the defaults; ``out`` says where the run
         directory goes.
+    engine : str
+        ``"inprocess"`` or ``"ray"`` (:data:`ENGINES`).
     verbose : bool
         Show Flower's and Ray's own logs too.
+    progress : object or None
+        Told about the rounds as they go (:class:`simulations.progress.RoundProgress`).
+    ray_address : str or None
+        With ``engine="ray"``: the address of a running Ray cluster to join (``"auto"``, or
+        ``"HOST:6379"``) instead of starting Ray in this process.
 
     Returns
     -------
     dict
-        The run's ``summary.json``.
+        The run's ``summary.json``, with ``wall_seconds`` and ``engine`` (which engine ran it,
+        and for the in-process engine what the wire form cost and the seconds spent in clients).
     """
     from flwr.common.config import get_fused_config_from_dir
 
+    check_engine(engine)
     run_config = get_fused_config_from_dir(project_dir(), dict(overrides))  # refuses unknown keys
     out = Path(str(run_config["out"])).expanduser().resolve()
     summary_path = out / "summary.json"
     if summary_path.exists() and not run_config.get("resume", False):
         summary_path.unlink()
     started = time.time()
-    simulate(dict(overrides) | {"out": str(out)}, verbose=verbose)
+    engine_report = simulate(dict(overrides) | {"out": str(out)}, engine=engine, verbose=verbose, progress=progress,
+                             ray_address=ray_address)
     if not summary_path.exists():
         raise RuntimeError(f"the run wrote no {summary_path}: see the log above for the ServerApp's error")
     summary = json.loads(summary_path.read_text())
     summary["wall_seconds"] = time.time() - started
-    summary_path.write_text(json.dumps(summary, indent=2))
+    summary["engine"] = engine_report
+    tmp = summary_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(summary_path)
     return summary
 
 
-def simulate(overrides: dict[str, Any], *, server_app=None, verbose: bool = False) -> None:
-    """Run the ClientApp with ``server_app`` (default: Phalanx's ServerApp) on the simulation engine.
+def simulate(overrides: dict[str, Any], *, server_app=None, engine: str = DEFAULT_ENGINE, verbose: bool = False,
+             progress: Any = None, ray_address: str | None = None, wire: bool = True) -> dict[str, Any]:
+    """Run the ClientApp with ``server_app`` (default: Phalanx's ServerApp) on an engine.
 
     Parameters
     ----------
@@ -79,12 +118,78 @@ def simulate(overrides: dict[str, Any], *, server_app=None, verbose: bool = Fals
     server_app : flwr.serverapp.ServerApp | None
         Another ServerApp object to drive the same clients (benchmarks compare against Flower's
         own strategies this way); None runs ``server.app``'s ``app``.
-    verbose : bool
-        Show Flower's and Ray's own logs too.
+    engine, verbose, progress, ray_address
+        As for :func:`run_federation`.
+    wire : bool
+        In-process engine: send messages through Flower's wire form (off only to measure its cost).
+
+    Returns
+    -------
+    dict
+        ``{"name": engine, ...}``: for the in-process engine also ``wire`` (messages, bytes,
+        seconds) and ``client_seconds``.
     """
     os.environ.update(OFFLINE_ENV)
-    from flwr.app import Context, RecordDict
     from flwr.common.config import get_fused_config_from_dir
+
+    check_engine(engine)
+    app_dir = project_dir()
+    run_config = get_fused_config_from_dir(app_dir, dict(overrides))
+    if server_app is None:
+        # Handed over as an object, not as "server.app:app": by name, Flower parses server/app.py
+        # in the ServerApp thread while the simulation engine parses client/app.py, and two
+        # concurrent ast.parse calls can fail on CPython 3.11 ("AST constructor recursion depth
+        # mismatch", seen once in CI).
+        from server.app import app as server_app
+    if engine == "inprocess":
+        return _simulate_inprocess(server_app, run_config, dict(overrides), app_dir, progress=progress, wire=wire)
+    with _watch_rounds(Path(str(run_config["out"])).expanduser() / "summary.json", progress):
+        _simulate_ray(server_app, run_config, dict(overrides), app_dir, verbose=verbose, ray_address=ray_address)
+    return {"name": "ray", "ray_address": ray_address}
+
+
+def _simulate_inprocess(server_app, run_config: dict[str, Any], overrides: dict[str, Any], app_dir: Path, *,
+                        progress: Any, wire: bool) -> dict[str, Any]:
+    from client.app import app as client_app
+    from simulations.inprocess import run_inprocess
+
+    on_reply = None
+    if progress is not None:
+        def on_reply(instruction, reply, index, batch_size) -> None:
+            if instruction.metadata.message_type.startswith("train"):
+                server_round = int(instruction.content["config"]["server-round"])
+                progress.client_done(server_round, index + 1, batch_size)
+
+    grid = run_inprocess(server_app, client_app, run_config, num_nodes=int(run_config["num-clients"]),
+                         seed=int(run_config["seed"]), app_dir=str(app_dir), override_config=overrides, wire=wire,
+                         on_reply=on_reply)
+    return {"name": "inprocess", "wire": grid.stats.as_dict() if wire else None,
+            "client_seconds": grid.client_seconds}
+
+
+def ray_backend_config(*, ray_address: str | None = None, verbose: bool = False) -> dict[str, Any]:
+    """The simulation engine's backend config: one CPU per client actor, a GPU share when present.
+
+    Parameters
+    ----------
+    ray_address : str or None
+        Join this running Ray cluster (``ray.init(address=...)``): the cluster decides the CPUs,
+        so none are claimed here. None starts a local Ray with this machine's cores.
+    verbose : bool
+        Ray's own INFO logs and its workers' output in this process.
+    """
+    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    if ray_address:
+        init_args["address"] = ray_address
+    else:
+        init_args["num_cpus"] = os.cpu_count() or 1
+    # One CPU per client actor: on a 2-core machine two clients train at once.
+    return {"client_resources": {"num_cpus": 1, "num_gpus": _gpu_share()}, "init_args": init_args}
+
+
+def _simulate_ray(server_app, run_config: dict[str, Any], overrides: dict[str, Any], app_dir: Path, *,
+                  verbose: bool, ray_address: str | None) -> None:
+    from flwr.app import Context, RecordDict
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -92,8 +197,6 @@ def simulate(overrides: dict[str, Any], *, server_app=None, verbose: bool = Fals
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    app_dir = project_dir()
-    run_config = get_fused_config_from_dir(app_dir, dict(overrides))
     run_id = secrets.randbits(63)
     run = Run.create_empty(run_id=run_id)
     run.override_config = dict(overrides)
@@ -102,31 +205,76 @@ def simulate(overrides: dict[str, Any], *, server_app=None, verbose: bool = Fals
     run.federation_id = NOOP_FEDERATION_ID
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, run_id, SUPERLINK_NODE_ID
     context = Context(run_id=run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
-    backend_config = {
-        # One CPU per client actor: on a 2-core machine two clients train at once.
-        "client_resources": {"num_cpus": 1, "num_gpus": _gpu_share()},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "INFO" if verbose else "ERROR",
-                      "log_to_driver": verbose},
-    }
-    if server_app is None:
-        # Handed over as an object, not as "server.app:app": by name, Flower parses server/app.py
-        # in the ServerApp thread while the simulation engine parses client/app.py, and two
-        # concurrent ast.parse calls can fail on CPython 3.11 ("AST constructor recursion depth
-        # mismatch", seen once in CI).
-        from server.app import app as server_app
-    _run_simulation(
-        num_supernodes=int(run_config["num-clients"]),
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app_attr="client.app:app",
-        server_app=server_app,
-        server_app_attr=None,
-        server_app_context=context,
-        app_dir=str(app_dir),
-        run=run,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-        is_app=True,
-    )
+    with partitions_in_node_id_order():
+        _run_simulation(
+            num_supernodes=int(run_config["num-clients"]),
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app_attr="client.app:app",
+            server_app=server_app,
+            server_app_attr=None,
+            server_app_context=context,
+            app_dir=str(app_dir),
+            run=run,
+            backend_config=ray_backend_config(ray_address=ray_address, verbose=verbose),
+            verbose_logging=verbose,
+            is_app=True,
+        )
+
+
+@contextlib.contextmanager
+def partitions_in_node_id_order() -> Iterator[None]:
+    """While active, Flower's simulation engine gives partition ``i`` to its ``i``-th smallest node id.
+
+    Flower registers its nodes with random ids and hands out partitions in registration order,
+    so the order of the partitions by node id, which is the order in which Phalanx's strategy
+    stacks the replies, changes from run to run. Order-dependent float sums (the mean, ALIE's
+    honest mean and deviation) then round differently, and a client sample with
+    ``fraction-train`` < 1 (drawn over the sorted ids) picks other partitions. The ids stay
+    Flower's random ones; only which partition each id serves is chosen, as
+    ``start_vce(existing_nodes_mapping=...)`` lets a caller choose it. The in-process engine
+    uses the same order (:func:`simulations.inprocess.node_ids_for`).
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    register_nodes = vce_api._register_nodes  # pylint: disable=protected-access
+
+    def register_in_id_order(num_nodes: int, state_factory) -> dict[int, int]:
+        mapping = register_nodes(num_nodes=num_nodes, state_factory=state_factory)
+        return {node_id: partition for partition, node_id in enumerate(sorted(mapping))}
+
+    vce_api._register_nodes = register_in_id_order  # pylint: disable=protected-access
+    try:
+        yield
+    finally:
+        vce_api._register_nodes = register_nodes  # pylint: disable=protected-access
+
+
+@contextlib.contextmanager
+def _watch_rounds(summary_path: Path, progress: Any, interval: float = 0.25) -> Iterator[None]:
+    """Tell ``progress`` how many rounds summary.json holds, as the Ray engine runs (it has no hook)."""
+    if progress is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def watch() -> None:
+        seen = 0
+        while not stop.wait(interval):
+            try:
+                rounds = json.loads(summary_path.read_text()).get("rounds") or []
+            except (OSError, ValueError):
+                continue
+            if len(rounds) > seen:
+                seen = len(rounds)
+                progress.round_done(int(rounds[-1]["round"]))
+
+    watcher = threading.Thread(target=watch, name="phalanx-round-watcher", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def _gpu_share() -> float:

@@ -24,8 +24,9 @@ import torch
 import aggregators
 from simulations.__main__ import main
 from simulations.harness import default_config
+from simulations.progress import SweepProgress
 from simulations.sweep import (
-    CSV_COLUMNS, Cell, CellResult, Progress, cell_overrides, is_done, parse_attack_params, parse_seeds,
+    CSV_COLUMNS, Cell, CellResult, cell_overrides, is_done, parse_attack_params, parse_seeds,
     SweepGrid, read_cell, record_failure, results_markdown, run_cell, split_aggregator, split_names, worst_case,
     write_outputs,
 )
@@ -241,7 +242,7 @@ def test_worst_case_is_the_lowest_attack_per_aggregator_leaving_none_out():
 
 def test_progress_shows_index_accuracy_elapsed_and_eta(tmp_path):
     stream = io.StringIO()
-    progress = Progress(total=3, to_run=2, stream=stream)
+    progress = SweepProgress(total=3, to_run=2, stream=stream)
     cell = Cell("sign-flip", "median", 0)
     progress.start(cell, newline=False)
     progress.finish(CellResult(cell, "ok", tmp_path, final_accuracy=0.91234), ran_seconds=30.0)
