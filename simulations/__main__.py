@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
     sweep.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
                        help="worker processes running cells at once (default: the CPU count; 1 with --engine ray)")
+    sweep.add_argument("--shard", default=None, metavar="I/K",
+                       help="run only cells I, I+K, I+2K... of the grid: K machines sharing --out split it")
     sweep.add_argument("--cell-timeout", type=_seconds, default=0.0, metavar="S",
                        help="a cell running longer is killed and recorded as failed (default: 0, no limit)")
     _add_engine_options(sweep)

@@ -20,9 +20,16 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +282,107 @@ def _watch_rounds(summary_path: Path, progress: Any, interval: float = 0.25) -> 
     finally:
         stop.set()
         watcher.join()
+
+
+@dataclass(frozen=True)
+class LocalRayCluster:
+    """A running one-node Ray cluster: the address drivers join and the directory of its session."""
+
+    address: str
+    temp_dir: Path
+
+    @property
+    def session_dir(self) -> Path:
+        """The session's directory (its ``logs/`` hold one ``worker-*.out`` per worker process)."""
+        return self.temp_dir / "session_latest"
+
+
+@contextlib.contextmanager
+def local_ray_cluster(num_cpus: int | None = None, *, timeout: float = 90.0) -> Iterator[LocalRayCluster]:
+    """Start a one-node Ray cluster (``ray start --head --block``) and stop it again.
+
+    The same cluster a multi-machine setup starts on its head node (docs/scaling.md), on this
+    machine: every port is a free one and the session lives in its own temporary directory, so
+    it shares nothing with other Ray instances here. It is stopped by ending the process group of
+    the ``ray start`` it launched, never with ``ray stop``, which would stop every Ray on the
+    machine.
+
+    Parameters
+    ----------
+    num_cpus : int or None
+        CPUs the node offers (default: this machine's).
+    timeout : float
+        Seconds to wait for the head to accept drivers.
+
+    Yields
+    ------
+    LocalRayCluster
+        Its ``address`` (``"127.0.0.1:PORT"``) is for ``run_federation(..., engine="ray",
+        ray_address=...)``.
+
+    Raises
+    ------
+    RuntimeError
+        If the ``ray`` command is missing or the head does not come up in time (its log is quoted).
+    """
+    ray_cli = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    if not Path(ray_cli).exists():
+        raise RuntimeError("the `ray` command is missing: install flwr[simulation]")
+    ports = _free_ports(8)
+    temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None)  # short: socket paths
+    log_path = Path(temp_dir) / "ray-start.log"
+    command = [ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(ports[0]),
+               "--num-cpus", str(num_cpus or os.cpu_count() or 1), "--include-dashboard", "false",
+               "--disable-usage-stats", "--temp-dir", temp_dir, "--ray-client-server-port", str(ports[1]),
+               "--dashboard-agent-listen-port", str(ports[2]), "--dashboard-agent-grpc-port", str(ports[3]),
+               "--metrics-export-port", str(ports[4]), "--runtime-env-agent-port", str(ports[5]),
+               "--node-manager-port", str(ports[6]), "--object-manager-port", str(ports[7])]
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=os.environ | OFFLINE_ENV)
+    address = f"127.0.0.1:{ports[0]}"
+    try:
+        deadline = time.monotonic() + timeout
+        while "This command will now block" not in log_path.read_text():
+            if head.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"`ray start --head` did not come up:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield LocalRayCluster(address, Path(temp_dir))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        _wait_for_group_exit(head.pid)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _wait_for_group_exit(group: int, timeout: float = 20.0) -> None:
+    """Wait until no process of ``group`` is left (Ray's daemons exit after their parent); SIGKILL stragglers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.25)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
 
 
 def _gpu_share() -> float:

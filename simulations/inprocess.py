@@ -110,49 +110,75 @@ class WireStats:
         return {"messages": self.messages, "bytes": self.bytes, "seconds": self.seconds}
 
 
-def through_the_wire(message: Message, stats: WireStats | None = None) -> Message:
-    """The message the receiver inflates from the bytes the sender would push (flwr 1.42).
+@dataclass(frozen=True)
+class WireMessage:
+    """A message as it travels: its id and the deflated bytes of it and every nested object.
 
-    The sender deflates the message and every nested object (post-order, as
-    ``get_all_nested_objects`` lists them for ``push_objects``); the receiver checks that each
-    object's content hashes to its id (what the SuperLink's object store checks), inflates the
-    message from the contents (``inflate_object_from_contents``) and sets its message id, which
-    is the message's own object id.
-
-    Parameters
+    Attributes
     ----------
-    message : Message
-        Any message with content or an error.
-    stats : WireStats or None
-        Accumulates the cost when given.
+    message_id : str
+        The message's object id (the SHA-256 of its deflated content), as Flower's grids set it.
+    contents : dict
+        Object id -> deflated object, children before parents (``get_all_nested_objects``).
+    """
 
-    Returns
-    -------
-    Message
-        A new message sharing nothing with ``message``.
+    message_id: str
+    contents: dict[str, bytes]
 
-    Raises
-    ------
-    ValueError
-        If an object's content does not hash to its id.
+    @property
+    def size(self) -> int:
+        """Bytes on the wire (every object once)."""
+        return sum(len(content) for content in self.contents.values())
+
+
+def send(message: Message, stats: WireStats | None = None) -> WireMessage:
+    """Deflate ``message`` to what a sender pushes (flwr 1.42); set its message id as Flower does.
+
+    What happens to ``message`` afterwards no longer changes what was sent.
     """
     started = time.perf_counter()
     with no_object_id_recompute():
         message_id = message.object_id
+        message.metadata.__dict__["_message_id"] = message_id
         contents = {object_id: obj.deflate() for object_id, obj in get_all_nested_objects(message).items()}
-    for object_id, content in contents.items():
-        if get_object_id(content) != object_id:
-            raise ValueError(f"object {object_id} does not hash to its id: its content changed while it was sent")
-    size = sum(len(content) for content in contents.values())
-    received = inflate_object_from_contents(message_id, contents)
-    if not isinstance(received, Message):
-        raise ValueError(f"object {message_id} inflated to a {type(received).__name__}, not a Message")
-    received.metadata.__dict__["_message_id"] = message_id
+    sent = WireMessage(message_id, contents)
     if stats is not None:
         stats.messages += 1
-        stats.bytes += size
+        stats.bytes += sent.size
+        stats.seconds += time.perf_counter() - started
+    return sent
+
+
+def receive(sent: WireMessage, stats: WireStats | None = None) -> Message:
+    """The message a receiver inflates from ``sent``: hashes checked, message id set.
+
+    Raises
+    ------
+    ValueError
+        If an object's content does not hash to its id (what the SuperLink's object store
+        refuses), or the objects do not inflate to a Message.
+    """
+    started = time.perf_counter()
+    for object_id, content in sent.contents.items():
+        if get_object_id(content) != object_id:
+            raise ValueError(f"object {object_id} does not hash to its id: its content changed on the way")
+    received = inflate_object_from_contents(sent.message_id, sent.contents, keep_object_contents=True)
+    if not isinstance(received, Message):
+        raise ValueError(f"object {sent.message_id} inflated to a {type(received).__name__}, not a Message")
+    received.metadata.__dict__["_message_id"] = sent.message_id
+    if stats is not None:
         stats.seconds += time.perf_counter() - started
     return received
+
+
+def through_the_wire(message: Message, stats: WireStats | None = None) -> Message:
+    """``receive(send(message))``: a new message sharing nothing with ``message``.
+
+    The sender deflates the message and every nested object (RecordDict, ArrayRecord, Array
+    chunks...), as ``HttpGrid`` and ``flwr-clientapp`` push them; the receiver checks each
+    object's SHA-256 id and inflates the message (``inflate_object_from_contents``).
+    """
+    return receive(send(message, stats), stats)
 
 
 @contextlib.contextmanager
@@ -200,7 +226,8 @@ class _Node:
 
 @dataclass
 class _Pending:
-    message: Message
+    message: Message  # the server's object, for the progress callback
+    sent: WireMessage | None  # what was pushed (None with wire=False)
     batch: list[str] = field(default_factory=list)
 
 
@@ -216,8 +243,8 @@ class InProcessGrid(Grid):
     run_config : dict
         The run config every node's Context carries (the fused ``[tool.flwr.app.config]``).
     wire : bool
-        Send every message through Flower's wire form (:func:`through_the_wire`). Off only to
-        measure what that costs.
+        Send every message through Flower's wire form: deflated when pushed (:func:`send`),
+        inflated when delivered (:func:`receive`). Off only to measure what that costs.
     on_reply : callable or None
         ``on_reply(instruction, reply, index, batch_size)`` after each reply (progress).
 
@@ -289,8 +316,12 @@ class InProcessGrid(Grid):
         run_id = self.run.run_id
         accepted: list[str] = []
         for message in messages:
-            with no_object_id_recompute():
-                message.metadata.__dict__["_message_id"] = message.object_id
+            if self.wire:
+                sent = send(message, self.stats)  # the bytes the SuperLink would store, as of now
+            else:
+                sent = None
+                with no_object_id_recompute():
+                    message.metadata.__dict__["_message_id"] = message.object_id
             problems = validate_message(message, is_reply_message=False)
             if message.metadata.run_id != run_id:
                 problems.append(f"run id {message.metadata.run_id} is not this run's ({run_id})")
@@ -300,7 +331,7 @@ class InProcessGrid(Grid):
                 log(ERROR, "InProcessGrid: message to node %s refused: %s", message.metadata.dst_node_id,
                     "; ".join(problems))
                 continue
-            self._pending[message.metadata.message_id] = _Pending(message)
+            self._pending[message.metadata.message_id] = _Pending(message, sent)
             accepted.append(message.metadata.message_id)
         for message_id in accepted:
             self._pending[message_id].batch = accepted
@@ -334,23 +365,23 @@ class InProcessGrid(Grid):
     def _deliver(self, message_id: str) -> None:
         pending = self._pending.pop(message_id)
         instruction = pending.message
-        reply = self._reply_to(instruction)
+        received = receive(pending.sent, self.stats) if pending.sent is not None else instruction
+        reply = self._reply_to(received)
         if reply is None:
             return
         self._replies[message_id] = reply
         if self.on_reply is not None:
             self.on_reply(instruction, reply, pending.batch.index(message_id), len(pending.batch))
 
-    def _reply_to(self, instruction: Message) -> Message | None:
-        """Run the node's ClientApp on its copy of ``instruction``; the reply as the server receives it."""
-        metadata = instruction.metadata
+    def _reply_to(self, received: Message) -> Message | None:
+        """Run the node's ClientApp on ``received``, its copy of the instruction; the reply as the server gets it."""
+        metadata = received.metadata
         if metadata.created_at + metadata.ttl < time.time():
             # Imported here: the link state's module pulls in SQLAlchemy and Alembic (0.8 s).
             from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_ins_message
 
             return create_message_error_unavailable_ins_message(metadata.message_id, metadata.run_id)
         node = self._nodes[metadata.dst_node_id]
-        received = through_the_wire(instruction, self.stats) if self.wire else instruction
         context = context_from_proto(ProtoContext.FromString(node.context))
         started = time.perf_counter()
         try:
@@ -368,8 +399,12 @@ class InProcessGrid(Grid):
                             reply_to=received)
         finally:
             self.client_seconds += time.perf_counter() - started
-        with no_object_id_recompute():
-            reply.metadata.__dict__["_message_id"] = reply.object_id
+        if self.wire:
+            sent = send(reply, self.stats)
+        else:
+            sent = None
+            with no_object_id_recompute():
+                reply.metadata.__dict__["_message_id"] = reply.object_id
         problems = validate_message(reply, is_reply_message=True)
         if reply.metadata.reply_to_message_id != metadata.message_id:
             problems.append(f"it replies to {reply.metadata.reply_to_message_id!r}, not to {metadata.message_id!r}")
@@ -378,7 +413,7 @@ class InProcessGrid(Grid):
         if problems:
             log(ERROR, "InProcessGrid: reply of node %s dropped: %s", node.node_id, "; ".join(problems))
             return None
-        return through_the_wire(reply, self.stats) if self.wire else reply
+        return receive(sent, self.stats) if sent is not None else reply
 
 
 def run_inprocess(server_app: Any, client_app: ClientApp, run_config: dict[str, Any], *, num_nodes: int, seed: int,

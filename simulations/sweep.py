@@ -15,7 +15,8 @@ in its ``error.txt``, and the sweep goes on. The sweep writes, in ``DIR``:
 
 A rerun skips every cell whose ``summary.json`` holds all its rounds for the same settings, so an
 interrupted sweep (Ctrl-C, SIGTERM, even SIGKILL: workers exit when their parent is gone)
-continues where it stopped; failed cells run again. :func:`write_outputs` rebuilds the four result files
+continues where it stopped; failed cells run again. ``--shard I/K`` runs every K-th cell only, so
+K machines sharing ``DIR`` split a grid (docs/scaling.md). :func:`write_outputs` rebuilds the four result files
 from the cells alone.
 
 Grid names: attack ``none`` is the clean reference (it runs with ``num-malicious = 0``); an
@@ -553,6 +554,26 @@ def record_outcome(cell: Cell, sweep_dir: Path, outcome: Outcome) -> CellResult:
     return read_cell(cell, sweep_dir)
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)``: this machine runs every 4th cell of the grid, starting at cell 2.
+
+    Raises
+    ------
+    ValueError
+        Unless the text is ``I/K`` with integers 0 <= I < K.
+    """
+    if not text:
+        return 0, 1
+    index, _, count = str(text).partition("/")
+    try:
+        i, k = int(index), int(count)
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected I/K, e.g. 0/2 and 1/2 on two machines") from None
+    if not 0 <= i < k:
+        raise ValueError(f"--shard {text!r}: I must be in 0..K-1")
+    return i, k
+
+
 def default_jobs(engine: str) -> int:
     """Workers when ``--jobs`` is not given: every core in-process; one for Ray, which uses the cores itself."""
     return 1 if engine == "ray" else (os.cpu_count() or 1)
@@ -566,7 +587,9 @@ def sweep_command(args: argparse.Namespace, defaults: dict[str, Any], overrides:
     args : argparse.Namespace
         ``attacks``, ``aggregators``, ``seeds`` (comma lists), ``verbose``, and optionally
         ``jobs`` (worker processes; default :func:`default_jobs`), ``cell_timeout`` (seconds,
-        0 or None for no limit), ``engine`` and ``ray_address``.
+        0 or None for no limit), ``engine``, ``ray_address`` and ``shard`` (``"I/K"``: run only
+        cells I, I+K, I+2K... of the grid, so K machines sharing DIR split it; the tables always
+        cover the whole grid, and a last run without ``shard`` completes them).
     defaults : dict
         Every run-config key with its default (``[tool.flwr.app.config]``).
     overrides : dict
@@ -597,6 +620,8 @@ def sweep_command(args: argparse.Namespace, defaults: dict[str, Any], overrides:
     attack_params = parse_attack_params(str(overrides.get("attack-params", "")), attacks)
     base = {k: v for k, v in overrides.items() if k not in ("out", "attack-params")}
     cells = [Cell(a, g, s) for a in attacks for g in aggregator_names for s in seeds]
+    shard, shards = parse_shard(getattr(args, "shard", None))
+    mine = set(cells[shard::shards])
     configs = {cell: cell_overrides(base, cell, attack_params, sweep_dir) for cell in cells}
     validate_grid(cells, {cell: defaults | configs[cell] for cell in cells})
     pool = WorkerPool(jobs, "simulations.sweep:run_cell_task", warm_up="simulations.sweep:warm_up_worker",
@@ -610,16 +635,17 @@ def sweep_command(args: argparse.Namespace, defaults: dict[str, Any], overrides:
         "engine": engine, "jobs": jobs, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     done = {cell for cell in cells if is_done(cell.directory(sweep_dir), defaults | configs[cell])}
-    todo = [cell for cell in cells if cell not in done]
+    todo = [cell for cell in cells if cell not in done and cell in mine]
     print(f"sweep: {len(attacks)} attacks x {len(aggregator_names)} aggregators x {len(seeds)} seeds = "
-          f"{len(cells)} cells ({len(done)} done before), {min(jobs, len(todo))} workers, engine {engine} "
-          f"-> {sweep_dir}", file=sys.stderr, flush=True)
+          f"{len(cells)} cells ({len(done)} done before"
+          + (f"; shard {shard}/{shards}: {len(mine)} of them" if shards > 1 else "")
+          + f"), {min(jobs, len(todo))} workers, engine {engine} -> {sweep_dir}", file=sys.stderr, flush=True)
     results: dict[Cell, CellResult] = {}
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     try:
-        with sweep_progress(len(cells), len(todo), jobs=min(jobs, max(len(todo), 1)), verbose=args.verbose) as progress:
+        with sweep_progress(len(mine), len(todo), jobs=min(jobs, max(len(todo), 1)), verbose=args.verbose) as progress:
             for cell in cells:
-                if cell in done:
+                if cell in done and cell in mine:
                     results[cell] = read_cell(cell, sweep_dir)
                     progress.finish(results[cell], ran_seconds=None)
 
@@ -636,7 +662,7 @@ def sweep_command(args: argparse.Namespace, defaults: dict[str, Any], overrides:
         written = write_outputs(sweep_dir)
     ordered = [results[cell] for cell in cells if cell in results]
     failed = [r for r in ordered if r.status != "ok"]
-    print(f"sweep: {len(ordered) - len(failed)} of {len(cells)} cells ok; wrote "
+    print(f"sweep: {len(ordered) - len(failed)} of {len(mine)} cells ok; wrote "
           + ", ".join(p.name for p in written.values()) + f" in {sweep_dir}", file=sys.stderr, flush=True)
     for result in failed:
         print(f"  {result.status}: {result.cell.name}: {result.error}", file=sys.stderr)

@@ -5,7 +5,7 @@ two worker processes, writes results.csv with one row per cell, heatmap.png, cur
 results.md; a cell's numbers are those of the same federation run directly; under sign-flip the
 mean collapses while the median holds; a rerun skips every finished cell without simulating; a
 sweep killed with SIGKILL midway leaves no worker behind and a rerun finishes only what is
-missing; a cell past ``--cell-timeout`` is recorded as failed and the sweep goes on; per-attack
+missing; ``--shard I/K`` runs every K-th cell; a cell past ``--cell-timeout`` is recorded as failed and the sweep goes on; per-attack
 parameters reach only their attack; an aggregator ``nnm+trimmed-mean`` runs trimmed-mean behind
 the nnm pre-aggregation; a cell that raises is recorded as failed and reported, not raised; a bad
 grid is refused before any cell runs.
@@ -33,7 +33,7 @@ from simulations.__main__ import main
 from simulations.harness import default_config, run_federation
 from simulations.progress import LiveSweepProgress, RoundProgress, SweepProgress, sweep_progress
 from simulations.sweep import (
-    CSV_COLUMNS, Cell, CellResult, cell_overrides, is_done, parse_attack_params, parse_seeds,
+    CSV_COLUMNS, Cell, CellResult, cell_overrides, is_done, parse_attack_params, parse_seeds, parse_shard,
     SweepGrid, read_cell, record_failure, results_markdown, run_cell, split_aggregator, split_names, worst_case,
     write_outputs,
 )
@@ -221,6 +221,19 @@ def test_a_sweep_killed_midway_leaves_no_worker_and_resumes_where_it_stopped(tmp
     assert {c: path.stat().st_mtime_ns for c, path in finished.items()} == before  # not run again
     rows = read_rows(out / "results.csv")
     assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+
+
+def test_a_shard_runs_every_kth_cell_and_the_tables_cover_the_grid(tmp_path):
+    out = tmp_path / "grid"
+    assert main(sweep_argv(out) + ["--shard", "1/2"]) == 0
+    status = {(r["attack"], r["aggregator"]): r["status"] for r in read_rows(out / "results.csv")}
+    # Cells in grid order: none x mean, none x median, sign-flip x mean, sign-flip x median.
+    assert status == {("none", "mean"): "missing", ("none", "median"): "ok",
+                      ("sign-flip", "mean"): "missing", ("sign-flip", "median"): "ok"}
+    assert parse_shard("0/3") == (0, 3) and parse_shard(None) == (0, 1)
+    for bad in ("2/2", "x/2", "1"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
 
 
 def test_a_cell_past_the_timeout_is_failed_and_the_sweep_goes_on(tmp_path, capsys):
