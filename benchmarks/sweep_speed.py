@@ -27,6 +27,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -100,6 +101,30 @@ def reference_loop(num_clients: int = 25, rounds: int = 20, seed: int = 0) -> li
     return accuracies
 
 
+#: Where a profiled cell's own time (cProfile tottime) is attributed: the first pattern that matches.
+AREAS = (("torch (training and tensors)", ("/torch/",)), ("client/ (the ClientApp)", (f"{REPO_ROOT}/client/",)),
+         ("server/ (ServerApp, strategy, audit, checkpoint, report)", (f"{REPO_ROOT}/server/",)),
+         ("aggregators/", (f"{REPO_ROOT}/aggregators/",)),
+         ("simulations/ (engine, harness)", (f"{REPO_ROOT}/simulations/",)),
+         ("flwr (records, wire form)", ("/flwr/",)), ("numpy", ("/numpy/",)),
+         ("json", ("/json/",)), ("matplotlib (report figures)", ("/matplotlib/", "/PIL/")))
+
+
+def profile_cell(run) -> dict[str, float]:
+    """Seconds of cProfile's own time per area of the code for one call of ``run``."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.runcall(run)
+    shares: dict[str, float] = {}
+    for (filename, _, _), (_, _, tottime, _, _) in pstats.Stats(profiler).stats.items():  # type: ignore[attr-defined]
+        area = next((name for name, needles in AREAS if any(n in filename for n in needles)),
+                    "other (builtins, stdlib)")
+        shares[area] = shares.get(area, 0.0) + tottime
+    return dict(sorted(shares.items(), key=lambda item: -item[1]))
+
+
 def _timed(function, *args, **kwargs) -> tuple[float, Any]:
     started = time.perf_counter()
     value = function(*args, **kwargs)
@@ -132,12 +157,17 @@ def measure_cell(repeats: int, scratch: Path, with_ray: bool) -> dict[str, Any]:
                           "wire_messages": summary["engine"]["wire"]["messages"],
                           "wire_bytes": summary["engine"]["wire"]["bytes"],
                           "rounds_seconds": sum(r["seconds"] for r in summary["rounds"])})
-        seconds, _ = _timed(simulate, overrides | {"out": str(scratch / f"unwired-{index}")}, wire=False)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # its round table
+            seconds, _ = _timed(simulate, overrides | {"out": str(scratch / f"unwired-{index}")}, wire=False)
         unwired_s.append(seconds)
+    profile_dir = scratch / "profiled"
     out = {"loop_seconds": loop_s, "cell_seconds": cell_s, "cell_without_wire_seconds": unwired_s,
-           "breakdown": breakdown, "final_accuracy": {k: v[-1] for k, v in accuracy.items()}}
+           "breakdown": breakdown, "final_accuracy": {k: v[-1] for k, v in accuracy.items()},
+           "profile": profile_cell(lambda: run_cell(cell_overrides(base, cell, {"none": ""}, profile_dir), cell,
+                                                    profile_dir))}
     if with_ray:
-        seconds, summary = _timed(run_federation, overrides | {"out": str(scratch / "ray")}, engine="ray")
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            seconds, summary = _timed(run_federation, overrides | {"out": str(scratch / "ray")}, engine="ray")
         out["ray_cell_seconds"] = seconds
         out["ray_first_round_seconds"] = summary["rounds"][0]["seconds"]
     return out
@@ -155,6 +185,29 @@ def measure_run(repeats: int, scratch: Path) -> dict[str, Any]:
                 raise RuntimeError(f"{shlex.join(full)} failed:\n{done.stderr[-2000:]}")
             times[engine].append(seconds)
     return {"command": shlex.join(["python", *command[1:]]), "seconds": times}
+
+
+def measure_cluster(scratch: Path) -> dict[str, Any]:
+    """``simulations run``'s federation on a one-node Ray cluster started beforehand, and in-process.
+
+    The cluster is what ``ray start --head`` gives a multi-machine setup (docs/scaling.md); the
+    run joins it (``--ray-address``) instead of starting Ray, so only the actors start per run.
+    """
+    from simulations.harness import local_ray_cluster, run_federation
+
+    config = {"attack": "sign-flip", "num-malicious": 2}
+    with local_ray_cluster() as cluster:
+        started = time.perf_counter()
+        joined = run_federation(config | {"out": str(scratch / "on-cluster")}, engine="ray",
+                                ray_address=cluster.address)
+        on_cluster = time.perf_counter() - started
+        workers = len(list(cluster.session_dir.glob("logs/worker-*.out")))
+    started = time.perf_counter()
+    inprocess = run_federation(config | {"out": str(scratch / "beside-cluster")})
+    return {"cluster_seconds": on_cluster, "inprocess_seconds": time.perf_counter() - started,
+            "first_round_seconds": joined["rounds"][0]["seconds"], "cluster_workers": workers,
+            "same_accuracies": [r["accuracy"] for r in joined["rounds"]]
+            == [r["accuracy"] for r in inprocess["rounds"]]}
 
 
 def measure_grid(jobs: int, seeds: str, out: Path) -> dict[str, Any]:
@@ -197,13 +250,21 @@ def _load() -> str:
 
 
 def render(results: dict[str, Any]) -> str:
-    m = results["machine"]
+    """The docs section for the measured parts; each part says its command and the load it ran under."""
+    contexts = [results[p]["context"] for p in ("cell", "run", "cluster", "grid") if p in results]
+    m = contexts[0]["machine"] if contexts else machine()
     lines = [BEGIN, "## Experiment speed: runs and sweep cells (issue 15)", "",
-             f"Generated by `benchmarks/sweep_speed.py` ({results['command']}); rerun it to refresh this section.",
-             "",
+             "Generated by `benchmarks/sweep_speed.py` (raw numbers in `benchmarks/results/sweep_speed.json`); "
+             "rerun it to refresh this section, or a part of it with `--parts`.", "",
              f"- Machine: {m['cpu']}, {m['cores']} logical cores; Python {m['python']}, torch {m['torch']}, "
-             f"flwr {m['flwr']}; load average at start {results['load_start']}, at the end {results['load_end']} "
-             "(other work shared the cores: these are upper bounds).", ""]
+             f"flwr {m['flwr']}. Other work shared the cores (the load average is given per part): these are "
+             "upper bounds.", ""]
+
+    def measured(part: str) -> str:
+        context = results[part]["context"]
+        return (f"Measured by {context['command']}; load average {context['load_start']} at the start, "
+                f"{context['load_end']} at the end.")
+
     if "cell" in results:
         c = results["cell"]
         loop, cell, unwired = (statistics.median(c[k]) for k in ("loop_seconds", "cell_seconds",
@@ -214,7 +275,8 @@ def render(results: dict[str, Any]) -> str:
                   f"{len(c['loop_seconds'])} alternating repetitions in one warm process.", "",
                   "| what | seconds | vs loop |", "|---|---:|---:|",
                   f"| plain loop (`reference_loop`: client/ functions, FedAvg, no Flower) | {loop:.2f} | 1.00x |",
-                  f"| sweep cell, in-process engine (`run_cell`, as a worker runs it) | {cell:.2f} | {cell / loop:.2f}x |",
+                  f"| sweep cell, in-process engine (`run_cell`, as a worker runs it) | {cell:.2f} | "
+                  f"{cell / loop:.2f}x |",
                   f"| the same cell without the wire form (`wire=False`) | {unwired:.2f} | {unwired / loop:.2f}x |"]
         if "ray_cell_seconds" in c:
             lines.append(f"| the same cell on Flower's Ray engine (`--engine ray`) | {c['ray_cell_seconds']:.2f} | "
@@ -223,7 +285,13 @@ def render(results: dict[str, Any]) -> str:
                   f"deflating, hashing and inflating {b['wire_messages']} messages "
                   f"({b['wire_bytes'] / 1e6:.1f} MB), {b['rounds_seconds']:.2f} s in the rounds in all (the rest "
                   "of a cell: the server's set-up, report.html, model.pt). Final accuracy: loop "
-                  f"{c['final_accuracy']['loop']:.4f}, cell {c['final_accuracy']['cell']:.4f}.", ""]
+                  f"{c['final_accuracy']['loop']:.4f}, cell {c['final_accuracy']['cell']:.4f}.", measured("cell"), ""]
+        if "profile" in c:
+            total = sum(c["profile"].values())
+            lines += ["Where a cell's time goes (one more cell under cProfile, which slows Python-heavy code more "
+                      f"than torch's kernels; {total:.1f} s profiled):", "", "| area | share |", "|---|---:|"]
+            lines += [f"| {area} | {seconds / total:.0%} |" for area, seconds in c["profile"].items()]
+            lines.append("")
     if "run" in results:
         r = results["run"]
         inprocess = statistics.median(r["seconds"]["inprocess"])
@@ -231,7 +299,16 @@ def render(results: dict[str, Any]) -> str:
                   f"`{r['command']}`, wall time in a fresh interpreter (imports included):", "",
                   "| engine | seconds |", "|---|---:|",
                   f"| in-process (default), median of {len(r['seconds']['inprocess'])} | {inprocess:.1f} |",
-                  f"| Ray (`--engine ray`) | {statistics.median(r['seconds']['ray']):.1f} |", ""]
+                  f"| Ray (`--engine ray`) | {statistics.median(r['seconds']['ray']):.1f} |", "", measured("run"), ""]
+    if "cluster" in results:
+        c = results["cluster"]
+        lines += ["### A run on a Ray cluster started beforehand", "",
+                  "`simulations run --attack sign-flip --num-malicious 2 --engine ray --ray-address ADDRESS` on a "
+                  "one-node cluster from `ray start --head` (`simulations.harness.local_ray_cluster`): "
+                  f"{c['cluster_seconds']:.1f} s, of which the first round (the actors starting) "
+                  f"{c['first_round_seconds']:.1f} s; {c['cluster_workers']} Ray worker processes ran in the "
+                  f"cluster's session. The same run in-process: {c['inprocess_seconds']:.1f} s; per-round "
+                  f"accuracies {'identical' if c['same_accuracies'] else 'DIFFERENT'}.", measured("cluster"), ""]
     if "grid" in results:
         g = results["grid"]
         lines += ["### The docs/results.md grid", "", "```", g["command"], "```", "",
@@ -241,9 +318,17 @@ def render(results: dict[str, Any]) -> str:
         if not g["full"]:
             lines.append(f"This was {g['cells']} of the 378 cells; the full grid extrapolates to "
                          f"{g['projected_full_seconds'] / 60:.1f} min (same cells per seed, so the same mix).")
-        lines.append("")
+        lines += [measured("grid"), ""]
     lines.append(END)
     return "\n".join(lines)
+
+
+def _merge(stored: dict[str, Any], new: dict[str, Any], parts: list[str]) -> dict[str, Any]:
+    """The parts measured now replace their stored numbers; each part keeps its own context."""
+    merged = {k: v for k, v in stored.items() if k in ("cell", "run", "cluster", "grid")}
+    for part in parts:
+        merged[part] = new[part] | {"context": {k: new[k] for k in ("command", "load_start", "load_end", "machine")}}
+    return merged
 
 
 def write_section(path: Path, section: str) -> None:
@@ -256,17 +341,25 @@ def write_section(path: Path, section: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="cell,run,grid", help="comma list of cell, run, grid")
+    parser.add_argument("--parts", default="cell,run,cluster,grid", help="comma list of cell, run, cluster, grid")
+    parser.add_argument("--render-only", action="store_true", help="measure nothing: rewrite the section from --json")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="grid: sweep workers")
     parser.add_argument("--grid-seeds", default="0,1,2", help="grid: seeds (0,1,2 is the full grid)")
     parser.add_argument("--no-ray", action="store_true", help="cell: skip the Ray engine cell")
     parser.add_argument("--out", default=str(REPO_ROOT / "docs" / "benchmarks.md"))
-    parser.add_argument("--json", default=None, help="also write the raw numbers here")
+    parser.add_argument("--json", default=str(REPO_ROOT / "benchmarks" / "results" / "sweep_speed.json"),
+                        help="raw numbers: parts measured now replace theirs, the others are kept and reported")
     parser.add_argument("--scratch", default=None, help="where runs go (default: a temporary directory)")
     args = parser.parse_args(argv)
     os.environ.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"})
-    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    parts = [] if args.render_only else [p.strip() for p in args.parts.split(",") if p.strip()]
+    json_path = Path(args.json)
+    stored = json.loads(json_path.read_text()) if json_path.exists() else {}
+    if args.render_only:
+        write_section(Path(args.out), render(stored))
+        print(f"wrote {args.out} from {json_path}")
+        return 0
     results: dict[str, Any] = {"command": "`python benchmarks/sweep_speed.py " + shlex.join(argv or sys.argv[1:]) + "`",
                                "load_start": _load(), "machine": machine()}
     with tempfile.TemporaryDirectory(prefix="sweep-speed-") as tmp:
@@ -277,13 +370,17 @@ def main(argv: list[str] | None = None) -> int:
         if "cell" in parts:
             results["cell"] = measure_cell(args.repeats, scratch, with_ray=not args.no_ray)
             print(json.dumps({k: v for k, v in results["cell"].items() if k != "breakdown"}), flush=True)
+        if "cluster" in parts:
+            results["cluster"] = measure_cluster(scratch)
+            print(json.dumps(results["cluster"]), flush=True)
         if "grid" in parts:
             results["grid"] = measure_grid(args.jobs, args.grid_seeds, scratch / "grid")
             print(json.dumps(results["grid"]), flush=True)
     results["load_end"] = _load()
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    write_section(Path(args.out), render(results))
+    merged = _merge(stored, results, parts)
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(merged, indent=2))
+    write_section(Path(args.out), render(merged))
     print(f"wrote {args.out}")
     return 0
 

@@ -145,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         return run_command(args, defaults)
     from simulations.sweep import sweep_command
 
-    return sweep_command(args, defaults, _overrides(args, defaults))
+    try:
+        return sweep_command(args, defaults, _overrides(args, defaults))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: workers stopped, finished cells' tables written
+        print("sweep interrupted: run the same command again to finish it (finished cells are kept)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

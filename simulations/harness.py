@@ -163,9 +163,13 @@ def _simulate_inprocess(server_app, run_config: dict[str, Any], overrides: dict[
     on_reply = None
     if progress is not None:
         def on_reply(instruction, reply, index, batch_size) -> None:
-            if instruction.metadata.message_type.startswith("train"):
+            if not instruction.metadata.message_type.startswith("train"):
+                return
+            try:  # the round is in the train config Phalanx's strategy sends; no round, no progress
                 server_round = int(instruction.content["config"]["server-round"])
-                progress.client_done(server_round, index + 1, batch_size)
+            except (KeyError, TypeError, ValueError):
+                return
+            progress.client_done(server_round, index + 1, batch_size)
 
     grid = run_inprocess(server_app, client_app, run_config, num_nodes=int(run_config["num-clients"]),
                          seed=int(run_config["seed"]), app_dir=str(app_dir), override_config=overrides, wire=wire,
@@ -181,11 +185,13 @@ def ray_backend_config(*, ray_address: str | None = None, verbose: bool = False)
     ----------
     ray_address : str or None
         Join this running Ray cluster (``ray.init(address=...)``): the cluster decides the CPUs,
-        so none are claimed here. None starts a local Ray with this machine's cores.
+        so none are claimed here. None: the cluster in ``RAY_ADDRESS`` when that is set (Ray's
+        own convention), else a local Ray started with this machine's cores.
     verbose : bool
         Ray's own INFO logs and its workers' output in this process.
     """
     init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    ray_address = ray_address or os.environ.get("RAY_ADDRESS") or None
     if ray_address:
         init_args["address"] = ray_address
     else:

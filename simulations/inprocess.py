@@ -464,5 +464,6 @@ def run_inprocess(server_app: Any, client_app: ClientApp, run_config: dict[str, 
     try:
         run_serverapp(grid=grid, context=context, server_app_dir=app_dir, loaded_server_app=server_app)
     finally:
-        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity  # pylint: disable=protected-access
+        # pylint: disable-next=protected-access
+        TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = identity
     return grid

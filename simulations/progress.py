@@ -139,7 +139,8 @@ class SweepProgress:
         """``cell`` starts; with ``newline`` (verbose runs, whose logs follow) a line says so."""
         self.running.append(self._name(cell))
         if newline:
-            self._write(f"{self._prefix()}{self.index:>{len(str(self.total))}}/{self.total} {self._name(cell)}: running")
+            width = len(str(self.total))
+            self._write(f"{self._prefix()}{self.index:>{width}}/{self.total} {self._name(cell)}: running")
 
     def finish(self, result: Any, *, ran_seconds: float | None) -> None:
         """``result`` (a CellResult) is in; ``ran_seconds`` None means it was skipped, done before."""

@@ -1,14 +1,14 @@
 """``python -m simulations sweep``: the grid attacks x aggregators x seeds and its result files.
 
-Specification: a 2 x 2 grid (attacks none, sign-flip x aggregators mean, median, seed 0), run in
-two worker processes, writes results.csv with one row per cell, heatmap.png, curves.png and
-results.md; a cell's numbers are those of the same federation run directly; under sign-flip the
-mean collapses while the median holds; a rerun skips every finished cell without simulating; a
-sweep killed with SIGKILL midway leaves no worker behind and a rerun finishes only what is
-missing; ``--shard I/K`` runs every K-th cell; a cell past ``--cell-timeout`` is recorded as failed and the sweep goes on; per-attack
-parameters reach only their attack; an aggregator ``nnm+trimmed-mean`` runs trimmed-mean behind
-the nnm pre-aggregation; a cell that raises is recorded as failed and reported, not raised; a bad
-grid is refused before any cell runs.
+Specification: a 2 x 2 grid (attacks none, sign-flip x aggregators mean, median, seed 0), run in two
+worker processes, writes results.csv with one row per cell, heatmap.png, curves.png and results.md;
+a cell's numbers are those of the same federation run directly; under sign-flip the mean collapses
+while the median holds; a rerun skips every finished cell without simulating; a sweep killed with
+SIGKILL midway leaves no worker behind and a rerun finishes only what is missing; ``--shard I/K``
+runs every K-th cell; a cell past ``--cell-timeout`` is recorded as failed and the sweep goes on;
+per-attack parameters reach only their attack; an aggregator ``nnm+trimmed-mean`` runs trimmed-mean
+behind the nnm pre-aggregation; a cell that raises is recorded as failed and reported, not raised; a
+bad grid is refused before any cell runs.
 """
 
 from __future__ import annotations
