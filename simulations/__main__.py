@@ -2,7 +2,9 @@
 
 ``run`` trains one federation (any attack, any aggregator) and writes DIR/summary.json,
 DIR/audit.jsonl and DIR/scores.csv; ``sweep`` runs the grid attacks x aggregators x seeds.
-Every run-config key is an option with the same name (``--num-malicious 2``).
+Every run-config key is an option with the same name (``--num-malicious 2``). Both run on the
+in-process engine unless ``--engine ray`` (Flower's simulation engine; ``--ray-address`` joins a
+running Ray cluster).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from simulations.harness import default_config, run_federation
+from simulations.harness import DEFAULT_ENGINE, ENGINES, default_config, run_federation
+from simulations.progress import RoundProgress
 
 
 def _add_config_options(parser: argparse.ArgumentParser, defaults: dict[str, Any], skip: tuple[str, ...] = ()) -> None:
@@ -48,12 +51,17 @@ def _overrides(args: argparse.Namespace, defaults: dict[str, Any]) -> dict[str, 
 def run_command(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
     """One federation, plus its no-attack twin when ``--clean-baseline`` is given."""
     overrides = _overrides(args, defaults)
-    summary = run_federation(overrides, verbose=args.verbose)
+    rounds = int(overrides.get("rounds", defaults["rounds"]))
+    engine = {"engine": args.engine, "verbose": args.verbose, "ray_address": args.ray_address}
+    # No live bar under --verbose: Flower's and Ray's logs would tear it.
+    with RoundProgress(rounds, label="federation", enabled=not args.verbose) as progress:
+        summary = run_federation(overrides, progress=progress, **engine)
     out = Path(summary["config"]["out"])
     if args.clean_baseline:
         clean_out = out / "clean"
-        clean = run_federation(overrides | {"attack": "none", "num-malicious": 0, "out": str(clean_out)},
-                               verbose=args.verbose)
+        with RoundProgress(rounds, label="clean baseline", enabled=not args.verbose) as progress:
+            clean = run_federation(overrides | {"attack": "none", "num-malicious": 0, "out": str(clean_out)},
+                                   progress=progress, **engine)
         summary["clean_accuracy"] = clean["final_accuracy"]
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_summary(summary)
@@ -80,6 +88,31 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("engine")
+    group.add_argument("--engine", choices=ENGINES, default=DEFAULT_ENGINE,
+                       help="inprocess: the ClientApp called in this process through a Flower Grid, on Flower's "
+                            "wire form (no engine start-up); ray: Flower's simulation engine (default: %(default)s)")
+    group.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                       help="with --engine ray: join this running Ray cluster ('auto', or HOST:PORT of its head) "
+                            "instead of starting Ray here")
+    group.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no limit), got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line and run the chosen command."""
     defaults = default_config()
@@ -91,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_config_options(run, defaults)
     run.add_argument("--clean-baseline", action="store_true",
                      help="also run the same config without attack and report clean_accuracy")
-    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    _add_engine_options(run)
 
     sweep = commands.add_parser("sweep", help="run the grid attacks x aggregators x seeds")
     _add_config_options(sweep, defaults, skip=("attack", "aggregator", "seed"))
@@ -99,14 +132,25 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--aggregators", required=True,
                        help="comma list of aggregator names; 'nnm+trimmed-mean' puts pre-aggregation in front")
     sweep.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
-    sweep.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    sweep.add_argument("--jobs", type=_positive_int, default=None, metavar="N",
+                       help="worker processes running cells at once (default: the CPU count; 1 with --engine ray)")
+    sweep.add_argument("--shard", default=None, metavar="I/K",
+                       help="run only cells I, I+K, I+2K... of the grid: K machines sharing --out split it")
+    sweep.add_argument("--cell-timeout", type=_seconds, default=0.0, metavar="S",
+                       help="a cell running longer is killed and recorded as failed (default: 0, no limit)")
+    _add_engine_options(sweep)
 
     args = parser.parse_args(argv)
     if args.command == "run":
         return run_command(args, defaults)
     from simulations.sweep import sweep_command
 
-    return sweep_command(args, defaults, _overrides(args, defaults))
+    try:
+        return sweep_command(args, defaults, _overrides(args, defaults))
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: workers stopped, finished cells' tables written
+        print("sweep interrupted: run the same command again to finish it (finished cells are kept)",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

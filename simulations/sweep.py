@@ -1,8 +1,11 @@
 """``python -m simulations sweep``: the grid attacks x aggregators x seeds, one federation per cell.
 
-Each cell is one :func:`simulations.harness.run_federation` on Flower's simulation engine, run in
-this process one after the other, into ``DIR/cells/<attack>__<aggregator>__<seed>/``. The sweep
-writes, in ``DIR``:
+Each cell is one :func:`simulations.harness.run_federation` (in-process engine by default,
+``--engine ray`` for Flower's simulation engine) into ``DIR/cells/<attack>__<aggregator>__<seed>/``.
+Cells run in ``--jobs`` long-lived worker processes (:mod:`simulations.pool`; default: one per
+core), each cell's output in its ``stdout.log``. A cell that raises, runs past ``--cell-timeout``
+(its worker is killed and replaced) or loses its worker is recorded as failed, with what happened
+in its ``error.txt``, and the sweep goes on. The sweep writes, in ``DIR``:
 
 * ``sweep.json`` - the grid, the command line and the machine (written before the first cell);
 * ``results.csv`` - one row per (attack, aggregator, seed), failed cells included with their error;
@@ -11,7 +14,9 @@ writes, in ``DIR``:
 * ``results.md`` - the mean +- std tables, the command line and the machine.
 
 A rerun skips every cell whose ``summary.json`` holds all its rounds for the same settings, so an
-interrupted sweep continues where it stopped. :func:`write_outputs` rebuilds the four result files
+interrupted sweep (Ctrl-C, SIGTERM, even SIGKILL: workers exit when their parent is gone)
+continues where it stopped; failed cells run again. ``--shard I/K`` runs every K-th cell only, so
+K machines sharing ``DIR`` split a grid (docs/scaling.md). :func:`write_outputs` rebuilds the four result files
 from the cells alone.
 
 Grid names: attack ``none`` is the clean reference (it runs with ``num-malicious = 0``); an
@@ -26,21 +31,25 @@ import argparse
 import contextlib
 import csv
 import json
-import logging
 import math
 import os
 import platform
 import re
 import shlex
+import signal
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Sequence
 
 import numpy as np
+
+from simulations.harness import DEFAULT_ENGINE
+from simulations.pool import Outcome
+from simulations.progress import sweep_progress
 
 #: The attack name that means "no attack": the clean reference row of every table.
 NO_ATTACK = "none"
@@ -429,91 +438,55 @@ def machine_info() -> dict[str, Any]:
 
 
 def command_line(args: argparse.Namespace, overrides: dict[str, Any]) -> str:
-    """The ``python -m simulations sweep ...`` line that reproduces this sweep."""
+    """The ``python -m simulations sweep ...`` line that reproduces this sweep.
+
+    ``--jobs`` and ``--cell-timeout`` are left out: they change how fast the grid runs, not
+    what it computes.
+    """
     parts = ["python", "-m", "simulations", "sweep", "--attacks", args.attacks, "--aggregators", args.aggregators,
              "--seeds", args.seeds]
     for key, value in overrides.items():
         parts += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
+    engine = getattr(args, "engine", None)
+    if engine and engine != DEFAULT_ENGINE:
+        parts += ["--engine", engine]
     if getattr(args, "verbose", False):
         parts.append("--verbose")
     return shlex.join(parts)
 
 
-class Progress:
-    """One stderr line per cell: a text bar, index/total, the cell's accuracy, elapsed time and ETA."""
-
-    def __init__(self, total: int, to_run: int, stream: TextIO | None = None, width: int = 20) -> None:
-        self.total, self.to_run, self.width = total, to_run, width
-        self.stream = stream if stream is not None else sys.stderr
-        self.started = time.perf_counter()
-        self.index = 0
-        self.prefix, self.newline = "", False
-        self.ran_seconds: list[float] = []
-
-    def start(self, cell: Cell, *, newline: bool) -> None:
-        """Announce the cell; :meth:`finish` ends the line (or, with ``newline``, writes a second one).
-
-        ``newline`` is for verbose runs, whose own logs would otherwise land inside the line.
-        """
-        self.index += 1
-        self.newline = newline
-        self.prefix = (f"{self._bar()} {self.index:>{len(str(self.total))}}/{self.total} "
-                       f"{cell.attack} x {cell.aggregator}, seed {cell.seed}: ")
-        self.stream.write(self.prefix + ("running\n" if newline else ""))
-        self.stream.flush()
-
-    def finish(self, result: CellResult, *, ran_seconds: float | None) -> None:
-        """End the cell's line with its outcome, the elapsed time and the ETA."""
-        if ran_seconds is not None:
-            self.ran_seconds.append(ran_seconds)
-        if result.status == "failed":
-            outcome = f"FAILED ({result.error})"
-        elif result.final_accuracy is None:
-            outcome = result.status
-        else:
-            outcome = f"final accuracy {result.final_accuracy:.4f}"
-        how = "skipped, done before" if ran_seconds is None else f"{ran_seconds:.1f} s"
-        elapsed = time.perf_counter() - self.started
-        self.stream.write((self.prefix if self.newline else "") + f"{outcome} ({how}) | elapsed {_clock(elapsed)}, ETA {self._eta()}\n")
-        self.stream.flush()
-
-    def _bar(self) -> str:
-        filled = round(self.width * self.index / max(self.total, 1))
-        return "[" + "#" * filled + "." * (self.width - filled) + "]"
-
-    def _eta(self) -> str:
-        left = self.to_run - len(self.ran_seconds)
-        if left <= 0:
-            return _clock(0)
-        if not self.ran_seconds:
-            return "?"
-        return _clock(left * float(np.mean(self.ran_seconds)))
-
-
-def _clock(seconds: float) -> str:
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
-
-
 @contextlib.contextmanager
-def _quiet_cell(cell_dir: Path, verbose: bool):
-    """Send a cell's round table to its stdout.log and hide Flower's INFO lines, unless verbose."""
+def _cell_output(cell_dir: Path, verbose: bool):
+    """Send everything a cell prints (its round table, Flower's logs, native code) to its stdout.log.
+
+    File descriptors 1 and 2 are redirected, not only ``sys.stdout``: a worker's output must not
+    reach the sweep's terminal, where it would tear the live progress bar.
+    """
     if verbose:
         yield
         return
     cell_dir.mkdir(parents=True, exist_ok=True)
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    flwr_logger.setLevel(logging.WARNING)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
     try:
-        with open(cell_dir / _LOG_FILE, "w") as log_file, contextlib.redirect_stdout(log_file):
-            yield
+        with open(cell_dir / _LOG_FILE, "w") as log_file:
+            os.dup2(log_file.fileno(), 1)
+            os.dup2(log_file.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
     finally:
-        flwr_logger.setLevel(level)
+        os.close(saved[0])
+        os.close(saved[1])
 
 
-def run_cell(overrides: dict[str, Any], cell: Cell, sweep_dir: Path, *, verbose: bool = False) -> CellResult:
+def run_cell(overrides: dict[str, Any], cell: Cell, sweep_dir: Path, *, verbose: bool = False,
+             engine: str = DEFAULT_ENGINE, ray_address: str | None = None) -> CellResult:
     """Run one cell's federation; a run that raises is recorded in its ``error.txt``, not raised.
 
     Returns
@@ -527,8 +500,8 @@ def run_cell(overrides: dict[str, Any], cell: Cell, sweep_dir: Path, *, verbose:
     cell_dir = cell.directory(sweep_dir)
     (cell_dir / _ERROR_FILE).unlink(missing_ok=True)
     try:
-        with _quiet_cell(cell_dir, verbose):
-            summary = run_federation(overrides, verbose=verbose)
+        with _cell_output(cell_dir, verbose):
+            summary = run_federation(overrides, engine=engine, verbose=verbose, ray_address=ray_address)
         if not _is_complete(summary):
             raise RuntimeError(f"the run stopped after {len(summary.get('rounds') or [])} of "
                                f"{summary['config']['rounds']} rounds")
@@ -537,13 +510,86 @@ def run_cell(overrides: dict[str, Any], cell: Cell, sweep_dir: Path, *, verbose:
     return read_cell(cell, sweep_dir)
 
 
+def warm_up_worker() -> None:
+    """What a sweep worker imports once, before its first cell (seconds of torch, Flower, sklearn).
+
+    Also pins BLAS pools to one thread: cells run side by side in several workers, and
+    ``client.app`` already pins torch to one thread for the same reason.
+    """
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    import torch
+
+    import client.app  # noqa: F401  (torch, Flower's ClientApp, the data)
+    import server.app  # noqa: F401  (the strategy, the aggregators, matplotlib for the report)
+    import simulations.inprocess  # noqa: F401
+
+    # The first optimizer a process builds imports torch._dynamo (about 2 s): pay it here, so
+    # that the first cell's time (and the ETA drawn from it) is a cell's time.
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+def run_cell_task(payload: dict[str, Any]) -> None:
+    """A worker's task: :func:`run_cell` on ``payload`` (from :func:`_cell_payload`)."""
+    run_cell(payload["overrides"], Cell(**payload["cell"]), Path(payload["sweep_dir"]), verbose=payload["verbose"],
+             engine=payload["engine"], ray_address=payload["ray_address"])
+
+
+def _cell_payload(cell: Cell, overrides: dict[str, Any], sweep_dir: Path, *, verbose: bool, engine: str,
+                  ray_address: str | None) -> dict[str, Any]:
+    return {"overrides": overrides, "cell": {"attack": cell.attack, "aggregator": cell.aggregator, "seed": cell.seed},
+            "sweep_dir": str(sweep_dir), "verbose": verbose, "engine": engine, "ray_address": ray_address}
+
+
+def record_outcome(cell: Cell, sweep_dir: Path, outcome: Outcome) -> CellResult:
+    """The cell's result after its worker reported ``outcome``; a timeout or a dead worker is a failure."""
+    cell_dir = cell.directory(sweep_dir)
+    if outcome.status == "timeout":
+        record_failure(cell_dir, TimeoutError(f"the cell {outcome.detail}"))
+    elif outcome.status == "died":
+        record_failure(cell_dir, RuntimeError(f"the cell did not finish: {outcome.detail}"))
+    elif outcome.status == "raised":  # run_cell records its own failures; this is the harness failing
+        record_failure(cell_dir, RuntimeError(f"the sweep worker raised:\n{outcome.detail}"))
+    return read_cell(cell, sweep_dir)
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"2/4"`` -> ``(2, 4)``: this machine runs every 4th cell of the grid, starting at cell 2.
+
+    Raises
+    ------
+    ValueError
+        Unless the text is ``I/K`` with integers 0 <= I < K.
+    """
+    if not text:
+        return 0, 1
+    index, _, count = str(text).partition("/")
+    try:
+        i, k = int(index), int(count)
+    except ValueError:
+        raise ValueError(f"--shard {text!r}: expected I/K, e.g. 0/2 and 1/2 on two machines") from None
+    if not 0 <= i < k:
+        raise ValueError(f"--shard {text!r}: I must be in 0..K-1")
+    return i, k
+
+
+def default_jobs(engine: str) -> int:
+    """Workers when ``--jobs`` is not given: every core in-process; one for Ray, which uses the cores itself."""
+    return 1 if engine == "ray" else (os.cpu_count() or 1)
+
+
 def sweep_command(args: argparse.Namespace, defaults: dict[str, Any], overrides: dict[str, Any]) -> int:
     """Run the grid ``--attacks`` x ``--aggregators`` x ``--seeds`` and write the result files.
 
     Parameters
     ----------
     args : argparse.Namespace
-        ``attacks``, ``aggregators``, ``seeds`` (comma lists) and ``verbose``.
+        ``attacks``, ``aggregators``, ``seeds`` (comma lists), ``verbose``, and optionally
+        ``jobs`` (worker processes; default :func:`default_jobs`), ``cell_timeout`` (seconds,
+        0 or None for no limit), ``engine``, ``ray_address`` and ``shard`` (``"I/K"``: run only
+        cells I, I+K, I+2K... of the grid, so K machines sharing DIR split it; the tables always
+        cover the whole grid, and a last run without ``shard`` completes them).
     defaults : dict
         Every run-config key with its default (``[tool.flwr.app.config]``).
     overrides : dict
@@ -558,8 +604,15 @@ def sweep_command(args: argparse.Namespace, defaults: dict[str, Any], overrides:
     ------
     ValueError
         For a bad grid (unknown attack or aggregator, a parameter an attack does not take, a bad
-        seed...), before any cell runs.
+        seed...) or bad ``jobs``/``cell_timeout``/``engine``, before any cell runs.
     """
+    from simulations.harness import check_engine
+    from simulations.pool import WorkerPool
+
+    engine = check_engine(getattr(args, "engine", None) or DEFAULT_ENGINE)
+    ray_address = getattr(args, "ray_address", None)
+    jobs = getattr(args, "jobs", None) or default_jobs(engine)
+    cell_timeout = getattr(args, "cell_timeout", None)
     sweep_dir = Path(str(overrides.get("out", defaults["out"]))).expanduser().resolve()
     attacks = split_names(args.attacks, "--attacks")
     aggregator_names = split_names(args.aggregators, "--aggregators")
@@ -567,39 +620,64 @@ def sweep_command(args: argparse.Namespace, defaults: dict[str, Any], overrides:
     attack_params = parse_attack_params(str(overrides.get("attack-params", "")), attacks)
     base = {k: v for k, v in overrides.items() if k not in ("out", "attack-params")}
     cells = [Cell(a, g, s) for a in attacks for g in aggregator_names for s in seeds]
+    shard, shards = parse_shard(getattr(args, "shard", None))
+    mine = set(cells[shard::shards])
     configs = {cell: cell_overrides(base, cell, attack_params, sweep_dir) for cell in cells}
     validate_grid(cells, {cell: defaults | configs[cell] for cell in cells})
+    pool = WorkerPool(jobs, "simulations.sweep:run_cell_task", warm_up="simulations.sweep:warm_up_worker",
+                      task_timeout=cell_timeout)
 
     sweep_dir.mkdir(parents=True, exist_ok=True)
     _write_json(sweep_dir / _SWEEP_FILE, {
         "command": command_line(args, overrides),
         "attacks": attacks, "aggregators": aggregator_names, "seeds": seeds,
         "attack_params": attack_params, "settings": base, "machine": machine_info(),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "engine": engine, "jobs": jobs, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
     done = {cell for cell in cells if is_done(cell.directory(sweep_dir), defaults | configs[cell])}
-    progress = Progress(len(cells), len(cells) - len(done))
+    todo = [cell for cell in cells if cell not in done and cell in mine]
     print(f"sweep: {len(attacks)} attacks x {len(aggregator_names)} aggregators x {len(seeds)} seeds = "
-          f"{len(cells)} cells ({len(done)} done before) -> {sweep_dir}", file=sys.stderr, flush=True)
-    results: list[CellResult] = []
+          f"{len(cells)} cells ({len(done)} done before"
+          + (f"; shard {shard}/{shards}: {len(mine)} of them" if shards > 1 else "")
+          + f"), {min(jobs, len(todo))} workers, engine {engine} -> {sweep_dir}", file=sys.stderr, flush=True)
+    results: dict[Cell, CellResult] = {}
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt) if _in_main_thread() else None
     try:
-        for cell in cells:
-            progress.start(cell, newline=args.verbose)
-            if cell in done:
-                results.append(read_cell(cell, sweep_dir))
-                progress.finish(results[-1], ran_seconds=None)
-                continue
-            started = time.perf_counter()
-            results.append(run_cell(configs[cell], cell, sweep_dir, verbose=args.verbose))
-            progress.finish(results[-1], ran_seconds=time.perf_counter() - started)
+        with sweep_progress(len(mine), len(todo), jobs=min(jobs, max(len(todo), 1)), verbose=args.verbose) as progress:
+            for cell in cells:
+                if cell in done and cell in mine:
+                    results[cell] = read_cell(cell, sweep_dir)
+                    progress.finish(results[cell], ran_seconds=None)
+
+            def on_end(cell: Cell, outcome: Outcome) -> None:
+                results[cell] = record_outcome(cell, sweep_dir, outcome)
+                progress.finish(results[cell], ran_seconds=outcome.seconds)
+
+            pool.run([(cell, _cell_payload(cell, configs[cell], sweep_dir, verbose=args.verbose, engine=engine,
+                                           ray_address=ray_address)) for cell in todo],
+                     on_start=lambda cell: progress.start(cell, newline=args.verbose), on_end=on_end)
     finally:  # an interrupted sweep still leaves the tables of the cells it finished
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
         written = write_outputs(sweep_dir)
-    failed = [r for r in results if r.status != "ok"]
-    print(f"sweep: {len(results) - len(failed)} of {len(cells)} cells ok; wrote "
+    ordered = [results[cell] for cell in cells if cell in results]
+    failed = [r for r in ordered if r.status != "ok"]
+    print(f"sweep: {len(ordered) - len(failed)} of {len(mine)} cells ok; wrote "
           + ", ".join(p.name for p in written.values()) + f" in {sweep_dir}", file=sys.stderr, flush=True)
     for result in failed:
         print(f"  {result.status}: {result.cell.name}: {result.error}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    # SIGTERM ends the sweep like Ctrl-C: workers stopped, tables of the finished cells written.
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _write_json(path: Path, payload: dict) -> None:

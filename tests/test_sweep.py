@@ -1,11 +1,14 @@
 """``python -m simulations sweep``: the grid attacks x aggregators x seeds and its result files.
 
-Specification: a 2 x 2 grid (attacks none, sign-flip x aggregators mean, median, seed 0) on
-Flower's simulation engine writes results.csv with one row per cell, heatmap.png, curves.png and
-results.md; under sign-flip the mean collapses while the median holds; a rerun skips every
-finished cell without simulating; per-attack parameters reach only their attack; an aggregator
-``nnm+trimmed-mean`` runs trimmed-mean behind the nnm pre-aggregation; a cell that raises is
-recorded as failed and reported, not raised; a bad grid is refused before any cell runs.
+Specification: a 2 x 2 grid (attacks none, sign-flip x aggregators mean, median, seed 0), run in two
+worker processes, writes results.csv with one row per cell, heatmap.png, curves.png and results.md;
+a cell's numbers are those of the same federation run directly; under sign-flip the mean collapses
+while the median holds; a rerun skips every finished cell without simulating; a sweep killed with
+SIGKILL midway leaves no worker behind and a rerun finishes only what is missing; ``--shard I/K``
+runs every K-th cell; a cell past ``--cell-timeout`` is recorded as failed and the sweep goes on;
+per-attack parameters reach only their attack; an aggregator ``nnm+trimmed-mean`` runs trimmed-mean
+behind the nnm pre-aggregation; a cell that raises is recorded as failed and reported, not raised; a
+bad grid is refused before any cell runs.
 """
 
 from __future__ import annotations
@@ -13,7 +16,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -23,9 +30,10 @@ import torch
 
 import aggregators
 from simulations.__main__ import main
-from simulations.harness import default_config
+from simulations.harness import default_config, run_federation
+from simulations.progress import LiveSweepProgress, RoundProgress, SweepProgress, sweep_progress
 from simulations.sweep import (
-    CSV_COLUMNS, Cell, CellResult, Progress, cell_overrides, is_done, parse_attack_params, parse_seeds,
+    CSV_COLUMNS, Cell, CellResult, cell_overrides, is_done, parse_attack_params, parse_seeds, parse_shard,
     SweepGrid, read_cell, record_failure, results_markdown, run_cell, split_aggregator, split_names, worst_case,
     write_outputs,
 )
@@ -36,12 +44,12 @@ SMALL = ["--num-clients", "6", "--num-malicious", "1", "--rounds", "2"]
 
 def sweep_argv(out: Path) -> list[str]:
     return ["sweep", "--attacks", "none,sign-flip", "--aggregators", "mean,median", "--seeds", "0", *SMALL,
-            "--attack-params", "sign-flip:scale=10", "--out", str(out)]
+            "--attack-params", "sign-flip:scale=10", "--jobs", "2", "--out", str(out)]
 
 
 @pytest.fixture(scope="module")
 def sweep_dir(tmp_path_factory) -> Path:
-    """The 2 x 2 grid, run for real (four federations, about 15-40 s each on 2 cores)."""
+    """The 2 x 2 grid, run for real (four federations in two workers, a few seconds each)."""
     out = tmp_path_factory.mktemp("sweep") / "grid"
     assert main(sweep_argv(out)) == 0
     return out
@@ -101,6 +109,18 @@ def test_each_cell_ran_with_its_own_attack_settings(sweep_dir):
     assert attacked["aggregator"] == "median" and attacked["rounds"] == 2 and attacked["num-clients"] == 6
 
 
+def test_a_cell_in_a_worker_gives_the_numbers_of_the_same_federation_run_directly(sweep_dir, tmp_path):
+    """Long-lived workers carry nothing from one cell to the next that changes a result."""
+    cell = Cell("sign-flip", "median", 0)
+    params = {"none": "", "sign-flip": "scale=10"}
+    overrides = cell_overrides({"num-clients": 6, "num-malicious": 1, "rounds": 2}, cell, params, tmp_path)
+    direct = run_federation(overrides)
+    in_sweep = json.loads((cell.directory(sweep_dir) / "summary.json").read_text())
+    assert [r["accuracy"] for r in in_sweep["rounds"]] == [r["accuracy"] for r in direct["rounds"]]
+    assert [r["scores"] for r in in_sweep["rounds"]] == [r["scores"] for r in direct["rounds"]]
+    assert json.loads((sweep_dir / "sweep.json").read_text())["jobs"] == 2
+
+
 def test_rerun_skips_every_finished_cell_without_simulating(sweep_dir):
     summaries = sorted((sweep_dir / "cells").glob("*/summary.json"))
     assert len(summaries) == 4
@@ -151,6 +171,83 @@ def test_a_failed_cell_is_reported_and_leaves_its_worst_case_unknown(sweep_dir, 
     worst_line = next(line for line in text.splitlines() if line.startswith("| **worst case**"))
     assert worst_line.split("|")[2].strip() == "n/a"
     assert "## Cells without results" in text and "sign-flip__mean__0" in text
+
+
+def _session_processes(session: int) -> list[int]:
+    """Pids of the live processes of a session (the sweep and every worker it spawned)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if proc.name.isdigit() and int(fields[3]) == session and fields[0] != "Z":
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_sweep_killed_midway_leaves_no_worker_and_resumes_where_it_stopped(tmp_path):
+    out = tmp_path / "grid"
+    argv = sweep_argv(out)
+    argv[argv.index("--jobs") + 1] = "1"
+    process = subprocess.Popen([sys.executable, "-m", "simulations", *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    defaults = default_config()
+    params = {"none": "", "sign-flip": "scale=10"}
+    base = {"num-clients": 6, "num-malicious": 1, "rounds": 2}
+    cells = [Cell(a, g, 0) for a in ("none", "sign-flip") for g in ("mean", "median")]
+    try:
+        deadline = time.monotonic() + 240
+        while not any(is_done(c.directory(out), defaults | cell_overrides(base, c, params, out)) for c in cells):
+            assert process.poll() is None, "the sweep ended before it could be killed"
+            assert time.monotonic() < deadline, "the sweep finished no cell"
+            time.sleep(0.1)
+        process.send_signal(signal.SIGKILL)  # the sweep only: its worker must notice by itself
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 20
+        while _session_processes(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _session_processes(process.pid) == [], "a worker outlived its killed sweep"
+    finally:
+        if _session_processes(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+    finished = {c: c.directory(out) / "summary.json" for c in cells
+                if is_done(c.directory(out), defaults | cell_overrides(base, c, params, out))}
+    assert 1 <= len(finished) < len(cells)
+    before = {c: path.stat().st_mtime_ns for c, path in finished.items()}
+
+    assert main(sweep_argv(out)) == 0
+    assert {c: path.stat().st_mtime_ns for c, path in finished.items()} == before  # not run again
+    rows = read_rows(out / "results.csv")
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows)
+
+
+def test_a_shard_runs_every_kth_cell_and_the_tables_cover_the_grid(tmp_path):
+    out = tmp_path / "grid"
+    assert main(sweep_argv(out) + ["--shard", "1/2"]) == 0
+    status = {(r["attack"], r["aggregator"]): r["status"] for r in read_rows(out / "results.csv")}
+    # Cells in grid order: none x mean, none x median, sign-flip x mean, sign-flip x median.
+    assert status == {("none", "mean"): "missing", ("none", "median"): "ok",
+                      ("sign-flip", "mean"): "missing", ("sign-flip", "median"): "ok"}
+    assert parse_shard("0/3") == (0, 3) and parse_shard(None) == (0, 1)
+    for bad in ("2/2", "x/2", "1"):
+        with pytest.raises(ValueError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_a_cell_past_the_timeout_is_failed_and_the_sweep_goes_on(tmp_path, capsys):
+    out = tmp_path / "grid"
+    argv = ["sweep", "--attacks", "none", "--aggregators", "mean,median", "--num-clients", "6", "--rounds", "500",
+            "--jobs", "1", "--cell-timeout", "2", "--out", str(out)]
+    started = time.monotonic()
+    assert main(argv) == 1
+    assert time.monotonic() - started < 120  # two cells of 500 rounds did not run to the end
+    rows = {r["aggregator"]: r for r in read_rows(out / "results.csv")}
+    for aggregator in ("mean", "median"):  # the second ran on a fresh worker after the first was killed
+        assert rows[aggregator]["status"] == "failed"
+        assert rows[aggregator]["error"].startswith("TimeoutError: the cell ran past the timeout of 2 s")
+    assert "failed: none__median__0: TimeoutError" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- cells and names, no simulation
@@ -240,8 +337,9 @@ def test_worst_case_is_the_lowest_attack_per_aggregator_leaving_none_out():
 
 
 def test_progress_shows_index_accuracy_elapsed_and_eta(tmp_path):
-    stream = io.StringIO()
-    progress = Progress(total=3, to_run=2, stream=stream)
+    stream = io.StringIO()  # not a terminal: plain lines
+    progress = sweep_progress(total=3, to_run=2, jobs=1, stream=stream)
+    assert type(progress) is SweepProgress
     cell = Cell("sign-flip", "median", 0)
     progress.start(cell, newline=False)
     progress.finish(CellResult(cell, "ok", tmp_path, final_accuracy=0.91234), ran_seconds=30.0)
@@ -251,6 +349,32 @@ def test_progress_shows_index_accuracy_elapsed_and_eta(tmp_path):
     assert "1/3 sign-flip x median, seed 0: final accuracy 0.9123 (30.0 s)" in first
     assert "ETA 0:30" in first  # one cell left to run, at 30 s a cell
     assert "2/3" in second and "skipped" in second and "ETA 0:30" in second
+
+
+def test_the_eta_counts_the_workers_and_the_live_bar_prints_each_ran_cell(tmp_path):
+    parallel = SweepProgress(total=5, to_run=5, stream=io.StringIO(), jobs=2)
+    parallel.finish(CellResult(Cell("none", "mean", 0), "ok", tmp_path, final_accuracy=0.9), ran_seconds=10.0)
+    assert parallel.eta() == "0:20"  # four cells left at 10 s each, two at a time
+
+    stream = io.StringIO()
+    with LiveSweepProgress(total=4, to_run=2, stream=stream, jobs=2) as live:
+        for seed in (0, 1):
+            live.finish(CellResult(Cell("none", "mean", seed), "ok", tmp_path, final_accuracy=0.9), ran_seconds=None)
+        live.start(Cell("alie", "krum", 0))
+        assert live.running == ["alie x krum, seed 0"]
+        live.finish(CellResult(Cell("alie", "krum", 0), "failed", tmp_path, error="ValueError: boom"), ran_seconds=4.0)
+    lines = stream.getvalue().splitlines()
+    assert "2 cells done before: skipped" in lines
+    assert any("3/4 alie x krum, seed 0: FAILED (ValueError: boom) (4.0 s)" in line for line in lines)
+    assert live.failed == 1 and live.running == []
+
+
+def test_a_single_run_shows_no_bar_off_a_terminal():
+    stream = io.StringIO()
+    with RoundProgress(3, stream=stream) as progress:
+        progress.client_done(1, 2, 4)
+        progress.round_done(1)
+    assert not progress.live and stream.getvalue() == ""
 
 
 def test_asr_and_detection_tables_list_only_attacks_that_have_them(tmp_path):
