@@ -399,7 +399,8 @@ def is_done(cell_dir: Path, config: dict[str, Any]) -> bool:
         wanted = RunSettings.from_run_config(config)
     except ValueError:  # written under another schema of run-config keys: run it again
         return False
-    return stored.config_hash() == wanted.config_hash()
+    # The run's identity leaves rounds out (a resumed run may extend them); a cell's settings don't.
+    return stored.config_hash() == wanted.config_hash() and stored.rounds == wanted.rounds
 
 
 def record_failure(cell_dir: Path, exc: BaseException) -> str:

@@ -41,7 +41,9 @@ def test_every_task_runs_once_in_at_most_jobs_long_lived_workers(tmp_path):
     assert all(o.status == "done" and o.seconds >= 0 for o in outcomes.values())
     pids = {written(tmp_path, key)["pid"] for key, _ in tasks}
     assert written(tmp_path, "aaa")["square"] == 9
-    assert len(pids) == 2 and os.getpid() not in pids  # two workers did all six, none in this process
+    # At most two long-lived workers did all six (how the six split between them depends on how
+    # fast each started), none of them in this process.
+    assert 1 <= len(pids) <= 2 < len(tasks) and os.getpid() not in pids
 
 
 def test_a_task_past_the_timeout_is_killed_reported_and_its_worker_replaced(tmp_path):

@@ -320,7 +320,8 @@ def test_names_and_seeds_are_checked():
 @pytest.mark.parametrize("extra, message", [
     (["--attacks", "no-such-attack", "--aggregators", "mean"], "no-such-attack"),
     (["--attacks", "sign-flip", "--aggregators", "no-such-rule"], "no-such-rule"),
-    (["--attacks", "sign-flip,alie", "--aggregators", "mean", "--attack-params", "scale=10"], "alie:z="),
+    (["--attacks", "sign-flip,alie", "--aggregators", "mean", "--attack-params", "scale=10", "--num-malicious", "2"],
+     "alie:z="),
     (["--attacks", "sign-flip", "--aggregators", "mean", "--rounds", "0"], "rounds must be >= 1"),
 ])
 def test_a_bad_grid_is_refused_before_any_cell_runs(tmp_path, extra, message):
