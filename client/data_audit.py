@@ -295,7 +295,8 @@ class AuditReport:
             "not_applicable": dict(self.not_applicable),
             "samples": rows,
         }
-        target.write_text(json.dumps(document, indent=2) + "\n")
+        # Strict JSON: every number here is a count or a finite score, and a parser refusing NaN reads it.
+        target.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
         return target
 
 

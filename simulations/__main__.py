@@ -63,7 +63,9 @@ def run_command(args: argparse.Namespace, defaults: dict[str, Any]) -> int:
             clean = run_federation(overrides | {"attack": "none", "num-malicious": 0, "out": str(clean_out)},
                                    progress=progress, **engine)
         summary["clean_accuracy"] = clean["final_accuracy"]
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        from server.run import write_json
+
+        write_json(out / "summary.json", summary)
     _print_summary(summary)
     return 0
 

@@ -108,9 +108,9 @@ def run_federation(overrides: dict[str, Any], *, engine: str = DEFAULT_ENGINE, v
     summary = json.loads(summary_path.read_text())
     summary["wall_seconds"] = time.time() - started
     summary["engine"] = engine_report
-    tmp = summary_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(summary_path)
+    from server.run import write_json
+
+    write_json(summary_path, summary)  # strict JSON, atomically
     return summary
 
 

@@ -682,9 +682,9 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
+    from server.run import write_json
+
+    write_json(path, payload)  # strict JSON (no NaN), atomically
 
 
 # --------------------------------------------------------------------------------------------
