@@ -93,7 +93,7 @@ def _time_audit(x: np.ndarray, y: np.ndarray, image_shape: tuple[int, int, int],
 def _cost_table(args: argparse.Namespace, sizes: list[int]) -> list[str]:
     image_shape = DIGITS_IMAGE if args.data == "digits" else STANDIN_IMAGE
     lines = [
-        f"| samples | clean: s | clean: s / 1k samples | clean: flagged | poisoned: s | poisoned: s / 1k samples "
+        "| samples | clean: s | clean: s / 1k samples | clean: flagged | poisoned: s | poisoned: s / 1k samples "
         "| poisoned: flagged |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]

@@ -54,8 +54,8 @@ def bench_clients(args: argparse.Namespace) -> None:
         wall = time.perf_counter() - started
     rounds = summary["rounds"]
     later = [r["seconds"] for r in rounds[1:]] or [rounds[0]["seconds"]]
-    print(f"\n| clients | rounds | accepted per round | first round (s) | later rounds (s, mean) | "
-          f"aggregation (s, mean) | wall (s) | final accuracy |")
+    print("\n| clients | rounds | accepted per round | first round (s) | later rounds (s, mean) | "
+          "aggregation (s, mean) | wall (s) | final accuracy |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {args.clients} | {len(rounds)} | {min(len(r['accepted']) for r in rounds)} | {rounds[0]['seconds']:.2f} | "
           f"{sum(later) / len(later):.2f} | {sum(r['aggregation_seconds'] for r in rounds) / len(rounds):.3f} | "

@@ -10,7 +10,6 @@ running Ray cluster).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
