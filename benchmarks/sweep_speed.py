@@ -62,7 +62,7 @@ CELL = {"num-clients": 25, "rounds": 20, "attack": "none", "num-malicious": 0, "
 def reference_loop(num_clients: int = 25, rounds: int = 20, seed: int = 0) -> list[float]:
     """The plain in-process loop: FedAvg of ``client/``'s local training, for comparison only.
 
-    Same data (``load_partition``), model (``build_model``), local training (``client.train``:
+    Same data, model and local training as the ``digits-mlp`` task (``client.training.default_train``:
     2 epochs of SGD, lr 0.3, batch 16, the ClientApp's per-round seeds) and central evaluation
     as a Phalanx cell; no Flower, no messages, no validation, scoring, audit or files.
 
@@ -74,30 +74,30 @@ def reference_loop(num_clients: int = 25, rounds: int = 20, seed: int = 0) -> li
     import numpy as np
     import torch
 
-    from client.data import load_partition, server_test_split
-    from client.model import build_model
-    from client.train import evaluate, train
+    from client.task import load_task
+    from client.training import default_evaluate, default_train
 
-    test = server_test_split("digits")
+    task = load_task("digits-mlp")
+    config = {"dataset": "auto", "alpha": 0.0, "seed": seed, "local-epochs": 2, "lr": 0.3, "batch-size": 16}
+    test = task.load_test(config)
     torch.manual_seed(seed)
-    global_model = build_model(test.num_features, test.num_classes)
-    partitions = [load_partition("digits", i, num_clients, 0.0, seed) for i in range(num_clients)]
+    global_model = task.build_model(config)
+    partitions = [task.load_partition(i, num_clients, config) for i in range(num_clients)]
     accuracies = []
     for server_round in range(1, rounds + 1):
         total = None
         weight = 0
         for partition_id, data in enumerate(partitions):
-            local = build_model(test.num_features, test.num_classes)
+            local = task.build_model(config)
             local.load_state_dict(global_model.state_dict())
             rng = np.random.default_rng([seed, partition_id, server_round])
-            generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-            train(local, data.x, data.y, epochs=2, lr=0.3, batch_size=16, device=torch.device("cpu"),
-                  generator=generator)
+            torch.default_generator.manual_seed(int(rng.integers(2**62)))
+            default_train(local, data, config, torch.device("cpu"))
             vector = torch.nn.utils.parameters_to_vector(local.parameters()).detach() * len(data.y)
             total = vector if total is None else total + vector
             weight += len(data.y)
         torch.nn.utils.vector_to_parameters(total / weight, global_model.parameters())
-        accuracies.append(evaluate(global_model, test.x, test.y, torch.device("cpu"))[1])
+        accuracies.append(default_evaluate(global_model, test, torch.device("cpu"))["accuracy"])
     return accuracies
 
 

@@ -79,6 +79,8 @@ class RunSettings:
     data_min_version: int = 0
     audit_key: str = ""
     audit_anchor: str = ""
+    checkpoints: bool = True
+    report: bool = True
     resume: bool = False
     out: str = "runs/latest"
 
@@ -146,6 +148,8 @@ class RunSettings:
             problems.append(f"server-momentum must be in [0, 1), got {self.server_momentum}")
         if self.data_min_version < 0:
             problems.append(f"data-min-version must be >= 0 (0 = any), got {self.data_min_version}")
+        if self.resume and not self.checkpoints:
+            problems.append("resume=true needs checkpoints=true (there is nothing to resume from)")
         if self.require_signed_data and not self.data_public_key:
             problems.append("require-signed-data needs data-public-key (the data owner's Ed25519 public key)")
         if problems:
@@ -189,13 +193,14 @@ class RunSettings:
         return self.attack not in ("", "none")
 
     def config_hash(self) -> str:
-        """SHA-256 of the settings that identify the run: every key but ``resume`` and ``rounds``.
+        """SHA-256 of the settings that identify the run: every key but ``resume``, ``rounds``,
+        ``report`` and ``checkpoints``.
 
         ``out`` is included (as the resolved directory), so a checkpoint copied from another
         run directory is refused even when every other setting matches; ``rounds`` is not, so a
         resumed run may go on for more rounds.
         """
-        relevant = {k: v for k, v in asdict(self).items() if k not in ("resume", "rounds")}
+        relevant = {k: v for k, v in asdict(self).items() if k not in ("resume", "rounds", "report", "checkpoints")}
         relevant["out"] = str(self.out_dir)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
 

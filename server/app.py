@@ -157,7 +157,8 @@ def run_server(grid: Grid, settings: RunSettings) -> dict:
                     on_round=lambda record: _print_row(record, strategy.epsilon()),
                     summary_extra=lambda records: _simulation_summary(attack, records) | {"effective_config": effective},
                     audit_key=settings.audit_key or None, audit_anchor=settings.audit_anchor or None,
-                    rollback_rounds=settings.rollback_rounds)
+                    rollback_rounds=settings.rollback_rounds, checkpoints=settings.checkpoints,
+                    report=settings.report)
     _print_header(settings, task)
     run.start(grid, to_arrays(model), num_rounds=settings.rounds, timeout=ROUND_TIMEOUT, evaluate_fn=evaluation)
     summary = run.summary()

@@ -80,6 +80,9 @@ SUMMARY_ROUND_KEYS = (
     "client_reports", "noise_std", "clip_norm", "next_clip_norm", "null_clients", "skip_reason", "reverted",
     "central_metrics", "federated_evaluation", "shared_manifests", "rollback", "discarded_metrics",
 )
+#: Config keys that do not change what a run computes, left out of its identity: a resumed run may
+#: extend its rounds, or skip the report.
+NOT_IDENTITY = ("resume", "rounds", "report", "checkpoints")
 #: Files of a run, moved aside together when a fresh run starts in the same directory.
 RUN_FILES = ("audit.jsonl", "checkpoint.pt", "summary.json", "scores.csv", "report.html", "model.pt")
 
@@ -173,6 +176,11 @@ class RobustRun:
         the run: the record is in the log, and resuming publishes the head again.
     rollback_rounds : int
         Rounds a monitor alert undoes (0: no rollback; see the module docstring).
+    checkpoints : bool
+        Write ``checkpoint.pt`` after every round (what ``resume`` continues from). A sweep cell,
+        which is rerun whole, can do without: the audit log is still written every round.
+    report : bool
+        Write ``report.html`` at the end (its figures take about a second).
     quarantine_rounds : int
         Rounds the nodes flagged in undone rounds are kept out after a rollback.
     """
@@ -192,6 +200,8 @@ class RobustRun:
         audit_anchor: Any = None,
         rollback_rounds: int = 0,
         quarantine_rounds: int = 3,
+        checkpoints: bool = True,
+        report: bool = True,
     ) -> None:
         if rollback_rounds < 0 or quarantine_rounds < 1:
             raise ValueError(f"rollback_rounds must be >= 0 and quarantine_rounds >= 1, got {rollback_rounds} "
@@ -212,6 +222,10 @@ class RobustRun:
         self.initial_evaluation: dict | None = None
         self.started = time.time()
         self.audit: AuditLog | None = None
+        self.checkpoints = bool(checkpoints)
+        self.report = bool(report)
+        if resume and not checkpoints:
+            raise ValueError("resume needs checkpoints: there is nothing to resume from")
         self.rollback_rounds = int(rollback_rounds)
         self.quarantine_rounds = int(quarantine_rounds)
         self.rollbacks: list[dict] = []
@@ -225,7 +239,7 @@ class RobustRun:
 
         ``resume`` and ``rounds`` are left out: a resumed run may go on for more rounds.
         """
-        identity = {k: v for k, v in self.config.items() if k not in ("resume", "rounds")}
+        identity = {k: v for k, v in self.config.items() if k not in NOT_IDENTITY}
         identity["out"] = str(self.files.root) if self.files is not None else None
         return hashlib.sha256(canonical_json(strict_json(identity)).encode()).hexdigest()
 
@@ -257,13 +271,19 @@ class RobustRun:
             self._snapshot(0, arrays, self.initial_evaluation)
         self.strategy.summary()
 
-        for server_round in range(first_round, num_rounds + 1):
-            if self.strategy.next_round_exceeds_budget():
-                self.stopped_early = (f"stopped before round {server_round}: it would spend more than target-epsilon "
-                                      f"{self.strategy.privacy.target_epsilon} (spent {self.strategy.epsilon():.3f})")
-                log(WARNING, self.stopped_early)
-                break
-            arrays = self._round(grid, server_round, arrays, timeout, train_config, evaluate_config, evaluate_fn)
+        try:
+            for server_round in range(first_round, num_rounds + 1):
+                if self.strategy.next_round_exceeds_budget():
+                    self.stopped_early = (f"stopped before round {server_round}: it would spend more than "
+                                          f"target-epsilon {self.strategy.privacy.target_epsilon} "
+                                          f"(spent {self.strategy.epsilon():.3f})")
+                    log(WARNING, self.stopped_early)
+                    break
+                arrays = self._round(grid, server_round, arrays, timeout, train_config, evaluate_config, evaluate_fn)
+        except BaseException:
+            if self.files is not None:  # what ran so far stays readable (the checkpoint has it too)
+                write_json(self.files.summary, self.summary())
+            raise
         self._result.arrays = arrays
         self._finish(arrays)
         return self._result
@@ -479,8 +499,12 @@ class RobustRun:
         return arrays, int(checkpoint["round"]) + 1
 
     def _persist(self, server_round: int, arrays: ArrayRecord, record: dict) -> None:
+        """The round's audit record, then its checkpoint (summary.json is written at the end: the
+        checkpoint holds the records, and rewriting a growing summary every round costs)."""
         assert self.audit is not None
         self.audit.append(self.audit_record(record))
+        if not self.checkpoints:
+            return
         spec = ParamSpec.of(arrays, self.strategy.model_dtypes)
         save_checkpoint(self.files.checkpoint, {
             "format": CHECKPOINT_FORMAT,
@@ -505,14 +529,14 @@ class RobustRun:
                        for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp",
                                     "evaluate_metrics_serverapp")},
         })
-        write_json(self.files.summary, self.summary())
 
     def _finish(self, arrays: ArrayRecord) -> None:
         if self.files is None:
             return
         write_json(self.files.summary, self.summary())
         write_scores_csv(self.records, self.files.scores)
-        write_report(self.files.root)
+        if self.report:
+            write_report(self.files.root)
         torch.save(arrays.to_torch_state_dict(), self.files.model)
 
     # ------------------------------------------------------------------ records

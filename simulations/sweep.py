@@ -241,7 +241,9 @@ def cell_overrides(base: dict[str, Any], cell: Cell, attack_params: dict[str, st
         aggregator's name when it has a ``+`` (otherwise the sweep-wide value stays).
     """
     rule, pre = split_aggregator(cell.aggregator)
-    overrides = dict(base) | {
+    # A cell is rerun whole when it did not finish, and the sweep has its own tables and figures:
+    # no per-round checkpoint, no per-cell report.html (unless the sweep's options ask for them).
+    overrides = {"checkpoints": False, "report": False} | dict(base) | {
         "attack": cell.attack,
         "attack-params": attack_params.get(cell.attack, ""),
         "aggregator": rule,
