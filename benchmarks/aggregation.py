@@ -405,6 +405,19 @@ def parse_ints(text: str) -> List[int]:
     return [int(float(v)) for v in text.split(",") if v.strip()]
 
 
+def _kept_sections(path: Path) -> str:
+    """Sections other benchmarks wrote into the same file (``<!-- name:begin -->`` .. ``<!-- name:end -->``).
+
+    This benchmark rewrites the aggregator tables; those sections are theirs and are carried over.
+    """
+    if not path.exists():
+        return ""
+    import re
+
+    found = re.finditer(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->", path.read_text(), re.DOTALL)
+    return "".join(f"\n{match.group(0)}\n" for match in found)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", default="20,50", help="comma list of client counts")
@@ -453,7 +466,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     wall = time.perf_counter() - started
     load_end = ", ".join(f"{v:.2f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else ""
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(render(timings, command, machine, device, f_of, wall, study, distances, load_end))
+    text = render(timings, command, machine, device, f_of, wall, study, distances, load_end)
+    Path(args.out).write_text(text + _kept_sections(Path(args.out)))
     print(f"wrote {args.out} ({wall:.0f} s)")
     return 0
 

@@ -29,6 +29,30 @@ def clean_mean_run(tmp_path_factory) -> dict:
     return run_federation(CLEAN_MEAN | {"out": str(tmp_path_factory.mktemp("clean-mean") / "run")})
 
 
+@pytest.fixture
+def task_identity():
+    """The ServerApp runtime sets the task identity that messages carry; tests that build
+    Messages outside a runtime set the same."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """The environment for an offline ``flwr`` command with its own FLWR_HOME (stop it with
+    ``stop_processes_mentioning(str(home))``)."""
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    return os.environ | {
+        "FLWR_HOME": str(home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+
+
 def processes_mentioning(marker: str) -> list[int]:
     """Pids of live processes whose command line contains ``marker``."""
     pids = []

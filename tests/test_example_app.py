@@ -10,12 +10,11 @@ chain that verifies, checkpoint, report, model); every process started is stoppe
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import processes_mentioning, stop_processes_mentioning
+from conftest import flwr_env, processes_mentioning, stop_processes_mentioning
 
 from server.audit import verify
 
@@ -26,12 +25,7 @@ def test_the_quickstart_app_runs_with_phalanx_evidence(tmp_path):
     home = tmp_path / "flwr-home"
     out = tmp_path / "run"
     bin_dir = Path(sys.executable).parent
-    env = os.environ | {
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = flwr_env(home)
     try:
         completed = subprocess.run(
             [str(bin_dir / "flwr"), "run", str(EXAMPLE), "--stream", "--federation-config", "num-supernodes=4",

@@ -8,12 +8,11 @@ for the same config; every process it started is stopped afterwards.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import CLEAN_MEAN, processes_mentioning, stop_processes_mentioning
+from conftest import CLEAN_MEAN, flwr_env, processes_mentioning, stop_processes_mentioning
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -22,12 +21,7 @@ def test_flwr_run_reaches_the_same_accuracy_band(tmp_path, clean_mean_run):
     home = tmp_path / "flwr-home"
     out = tmp_path / "run"
     bin_dir = Path(sys.executable).parent
-    env = os.environ | {
-        "FLWR_HOME": str(home),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
+    env = flwr_env(home)
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in CLEAN_MEAN.items()) + f" out={json.dumps(str(out))}"
     try:
         completed = subprocess.run(

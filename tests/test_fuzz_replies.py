@@ -15,7 +15,6 @@ import math
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,10 +37,7 @@ config_values = st.one_of(st.text(max_size=5000), st.binary(max_size=200), st.bo
                           st.lists(st.text(max_size=50), max_size=5))
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def global_arrays() -> ArrayRecord:

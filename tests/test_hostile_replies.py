@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,11 +24,7 @@ ATTACKER = 999
 SHAPES = {"layer.weight": (4, 3), "layer.bias": (4,)}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    """The ServerApp runtime sets the task identity that messages carry; do the same here."""
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def global_arrays() -> ArrayRecord:

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from client.wire import dtypes_of, load_arrays, to_arrays
@@ -25,10 +24,7 @@ from server.strategy import RobustStrategy
 NODES = [11, 12, 13, 14, 15]
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def bn_model() -> nn.Module:
