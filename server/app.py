@@ -9,11 +9,9 @@ policy, differential privacy, and, in simulation only, the attack. The rounds ru
 from __future__ import annotations
 
 import sys
-from logging import INFO
 
 import torch
 from flwr.app import ArrayRecord, Context, MetricRecord
-from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from client.data import ArrayDataset
@@ -171,7 +169,6 @@ def run_server(grid: Grid, settings: RunSettings) -> dict:
               flush=True)
     else:
         print(f"no round ran -> {settings.out_dir}", flush=True)
-    log(INFO, "run written to %s", settings.out_dir)
     return summary
 
 

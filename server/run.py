@@ -259,6 +259,7 @@ class RobustRun:
             raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
         arrays = initial_arrays
         first_round = 1
+        self._num_rounds = num_rounds
         checkpoint = self._open(initial_arrays)
         if checkpoint is not None:
             arrays, first_round = self._restore(checkpoint, initial_arrays)
@@ -292,7 +293,7 @@ class RobustRun:
                train_config: ConfigRecord | None, evaluate_config: ConfigRecord | None,
                evaluate_fn: Callable | None) -> ArrayRecord:
         started = time.perf_counter()
-        log(INFO, "[ROUND %d]", server_round)
+        log(INFO, "[ROUND %d/%d]", server_round, self._num_rounds)
         before_arrays, before_state = arrays, self.strategy.model_state()
         messages = self.strategy.configure_train(server_round, arrays, _copy_config(train_config), grid)
         replies = grid.send_and_receive(messages=messages, timeout=timeout)

@@ -6,7 +6,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from logging import INFO, WARNING
+from logging import DEBUG, INFO, WARNING
 
 import numpy as np
 import torch
@@ -277,7 +277,7 @@ class RobustStrategy(Strategy):
         skipped = sorted(set(nodes) - set(eligible))
         if skipped:
             log(INFO, "%s: quarantined nodes skipped: %s", what, skipped)
-        log(INFO, "%s: sampled %d of %d nodes", what, len(sampled), len(nodes))
+        log(DEBUG, "%s: sampled %d of %d nodes", what, len(sampled), len(nodes))
         return sampled
 
     def aggregate_train(
