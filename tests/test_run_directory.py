@@ -136,3 +136,18 @@ def test_rollback_undoes_a_late_attack_and_ends_near_the_clean_run(tmp_path, cle
     assert summary["final_accuracy"] >= clean_mean_run["final_accuracy"] - 0.02
     audit = [json.loads(line) for line in (tmp_path / "rollback" / "audit.jsonl").read_text().splitlines()]
     assert audit[5]["rollback"]["restored_round"] == 5
+
+
+def test_a_resumed_run_with_server_momentum_and_rollback_ends_with_the_uninterrupted_model(tmp_path):
+    """The server optimizer's momentum and the rollback snapshots are in the checkpoint: a run
+    stopped after round 2 and resumed to round 4 ends with the model of a run of 4 rounds."""
+    import torch
+
+    config = SHORT | {"server-optimizer": "sgd", "server-momentum": 0.5, "rollback-rounds": 1}
+    reference = run_federation(config | {"rounds": 4, "out": str(tmp_path / "reference")})
+    run_federation(config | {"rounds": 2, "out": str(tmp_path / "resumed")})
+    resumed = run_federation(config | {"rounds": 4, "resume": True, "out": str(tmp_path / "resumed")})
+    assert [r["accuracy"] for r in resumed["rounds"]] == [r["accuracy"] for r in reference["rounds"]]
+    final = torch.load(tmp_path / "resumed" / "model.pt", weights_only=True)
+    expected = torch.load(tmp_path / "reference" / "model.pt", weights_only=True)
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
