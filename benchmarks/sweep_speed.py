@@ -305,14 +305,13 @@ def render(results: dict[str, Any]) -> str:
         engine_s = cell - unwired
         lines += [f"Against this lean loop a cell costs {cell / loop:.1f}x; the issue asked for at most 2x. The "
                   f"engine's own part is small: the wire form is {engine_s:.2f} s of the {cell:.2f} s (without it "
-                  f"the cell is {unwired / loop:.1f}x), the Grid's own code (`simulations/`) a few percent. The rest is "
-                  "what every Phalanx run does around the same training, in `server/` and `client/`: the "
-                  "ClientApp's per-message work beyond training (run settings parsed, model built, state dicts "
-                  "to and from ArrayRecords), summary.json rewritten with indentation after every round "
-                  "(the `json` share grows with the rounds), about three fsyncs a round (audit record, checkpoint), "
-                  "report.html's "
-                  "figures (matplotlib) at the end. Writing summary.json once at the end and making report.html "
-                  "optional for sweep cells are the next steps to 2x; both belong to the ServerApp.", ""]
+                  f"the cell is {unwired / loop:.1f}x), the Grid's own code (`simulations/`) a few percent. Sweep "
+                  "cells already skip what only a single run needs (per-round checkpoints, report.html; "
+                  "summary.json is written once at the end), the ClientApp reuses the built-in model and the "
+                  "default training applies SGD without torch.optim's per-step bookkeeping (which made the "
+                  "loop faster too). What is left is what a Phalanx round does that this loop does not: Flower's "
+                  "records (every Array is an .npy buffer, decoded and encoded on each side of every message), "
+                  "the validation, scoring and audit of every reply, and the wire form.", ""]
     if "run" in results:
         r = results["run"]
         inprocess = statistics.median(r["seconds"]["inprocess"])

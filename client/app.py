@@ -14,6 +14,7 @@ deployed client runs with ``attack = "none"`` and never imports the attack plugi
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 import math
 import time
@@ -33,6 +34,7 @@ from client.hooks import AttackContext, AttackRole, attack_role
 from client.integrity import load_verified_npz
 from client.privacy import privatize_update
 from client.task import DataInfo, Task, as_arrays, load_task
+from client.tasks.builtin import BuiltinTask
 from client.training import training_device
 from client.wire import flat_vector, load_arrays, load_flat_vector, to_arrays
 
@@ -162,6 +164,24 @@ def _array(vector: torch.Tensor):
     return Array(vector.detach().cpu().numpy())
 
 
+def _model(task: Task, run_config: dict) -> torch.nn.Module:
+    """The task's model, into which the received global state is loaded.
+
+    Phalanx's built-in models hold nothing beyond their state dict, so one instance per process
+    is reused (every call loads the whole global state into it: nothing of the last client's
+    training survives). A user's task gets a fresh ``build_model`` each time: its model may keep
+    state of its own.
+    """
+    if not isinstance(task.source, BuiltinTask):
+        return task.build_model(run_config)
+    return _builtin_model(task, json.dumps(run_config, sort_keys=True, default=str))
+
+
+@lru_cache(maxsize=2)
+def _builtin_model(task: Task, config_json: str) -> torch.nn.Module:
+    return task.build_model(json.loads(config_json))
+
+
 def _call_hook(hook, *args, context: AttackContext | None, **kwargs):
     """Call an attack hook, passing ``context`` only to hooks that take it (older plugins do not)."""
     try:
@@ -202,7 +222,7 @@ def train(msg: Message, context: Context) -> Message:
     rng = np.random.default_rng([settings.seed, partition_id, server_round])
     train_seed = int(rng.integers(2**62))
 
-    model = task.build_model(run_config)
+    model = _model(task, run_config)
     load_arrays(model, msg.content["arrays"])
     global_vector = flat_vector(model)
     attack_context = None
@@ -252,7 +272,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     settings = RunSettings.from_run_config(run_config)
     task = load_task(settings.task)
     raw, data, _ = _local_data(task, settings, run_config, context)
-    model = task.build_model(run_config)
+    model = _model(task, run_config)
     load_arrays(model, msg.content["arrays"])
     metrics = task.evaluate(model, raw, training_device(context.node_config))
     values = {"num-examples": len(data), **_reply_metrics(metrics)}

@@ -182,6 +182,7 @@ def _split_indices(num_samples: int) -> tuple[np.ndarray, np.ndarray]:
     return np.sort(order[num_test:]), np.sort(order[:num_test])
 
 
+@lru_cache(maxsize=8)
 def server_test_split(name: str) -> ArrayDataset:
     """The held-out split the server evaluates on; no client ever trains on it."""
     _check_name(name)
@@ -193,6 +194,7 @@ def server_test_split(name: str) -> ArrayDataset:
     return data.subset(_split_indices(len(data))[1])
 
 
+@lru_cache(maxsize=8)
 def client_pool(name: str) -> ArrayDataset:
     """Every sample the clients share among them (the complement of the server's test split)."""
     data = load_dataset(name)

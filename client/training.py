@@ -106,8 +106,12 @@ def default_train(model: nn.Module, dataset: Dataset, run_config: Mapping[str, A
     if len(labels) == 0:
         raise ValueError("cannot train on an empty dataset")
     model.to(device).train()
-    optimiser = torch.optim.SGD(model.parameters(), lr=lr)
+    params = [p for p in model.parameters() if p.requires_grad]
+    # float16 on CUDA needs loss scaling, which needs a torch optimizer; otherwise plain SGD is
+    # applied directly: the same update as torch.optim.SGD(lr) (param -= lr * grad), without the
+    # optimizer's per-step bookkeeping, which costs more than a small model's step.
     scaler = torch.amp.GradScaler("cuda") if amp and device.type == "cuda" else None
+    optimiser = torch.optim.SGD(params, lr=lr) if scaler is not None else None
     skip_single = _has_batch_norm(model)
     loss_fn = nn.CrossEntropyLoss()
     total, count = 0.0, 0
@@ -117,7 +121,8 @@ def default_train(model: nn.Module, dataset: Dataset, run_config: Mapping[str, A
             batch = order[start : start + batch_size]
             if skip_single and len(batch) == 1:
                 continue
-            optimiser.zero_grad()
+            for p in params:
+                p.grad = None
             with _autocast(device, amp):
                 loss = loss_fn(model(features[batch]), labels[batch])
             if scaler is not None:
@@ -126,7 +131,10 @@ def default_train(model: nn.Module, dataset: Dataset, run_config: Mapping[str, A
                 scaler.update()
             else:
                 loss.backward()
-                optimiser.step()
+                with torch.no_grad():
+                    for p in params:
+                        if p.grad is not None:
+                            p.add_(p.grad, alpha=-lr)
             total += loss.item() * len(batch)
             count += len(batch)
     if count == 0:

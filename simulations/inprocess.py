@@ -50,8 +50,8 @@ from flwr.app.error import Error
 from flwr.clientapp import ClientApp
 from flwr.common.constant import NUM_PARTITIONS_KEY, PARTITION_ID_KEY, SUPERLINK_NODE_ID, ErrorCode
 from flwr.common.logger import log
-from flwr.common.serde import context_from_proto, context_to_proto
-from flwr.proto.message_pb2 import Context as ProtoContext  # pylint: disable=E0611
+from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
 from flwr.server.utils.validator import validate_message
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects, get_object_id, no_object_id_recompute
@@ -221,7 +221,10 @@ ReplyCallback = Callable[[Message, Message, int, int], None]
 class _Node:
     node_id: int
     partition_id: int
-    context: bytes  # the serialised Context, as a SuperNode stores it between runs of its ClientApp
+    # The serialised state of the node's Context, as a SuperNode stores it between runs of its
+    # ClientApp (the rest of the Context, node config and run config, never changes in a run).
+    state: bytes
+    run_id: int = 0
 
 
 @dataclass
@@ -269,6 +272,7 @@ class InProcessGrid(Grid):
         self._client_app = client_app
         self._run_config = dict(run_config)
         self._nodes = {node_id: _Node(node_id, partition, b"") for partition, node_id in enumerate(node_ids)}
+        self._num_partitions = len(node_ids)
         self._pending: dict[str, _Pending] = {}  # instruction id -> instruction not yet delivered
         self._replies: dict[str, Message] = {}  # instruction id -> reply not yet pulled
         self.wire = wire
@@ -283,12 +287,8 @@ class InProcessGrid(Grid):
         if not isinstance(run, Run):
             raise TypeError(f"`run` must be an instance of Run, got {type(run).__name__}")
         self._run = run
-        num_partitions = len(self._nodes)
         for node in self._nodes.values():
-            context = Context(run_id=run.run_id, node_id=node.node_id,
-                              node_config={PARTITION_ID_KEY: node.partition_id, NUM_PARTITIONS_KEY: num_partitions},
-                              state=RecordDict(), run_config=dict(self._run_config))
-            node.context = context_to_proto(context).SerializeToString()
+            node.run_id, node.state = run.run_id, recorddict_to_proto(RecordDict()).SerializeToString()
 
     @property
     def run(self) -> Run:
@@ -382,7 +382,10 @@ class InProcessGrid(Grid):
 
             return create_message_error_unavailable_ins_message(metadata.message_id, metadata.run_id)
         node = self._nodes[metadata.dst_node_id]
-        context = context_from_proto(ProtoContext.FromString(node.context))
+        context = Context(run_id=node.run_id, node_id=node.node_id,
+                          node_config={PARTITION_ID_KEY: node.partition_id, NUM_PARTITIONS_KEY: self._num_partitions},
+                          state=recorddict_from_proto(ProtoRecordDict.FromString(node.state)),
+                          run_config=dict(self._run_config))
         started = time.perf_counter()
         try:
             with separate_global_rng(), _node_identity(node.node_id):
@@ -392,7 +395,7 @@ class InProcessGrid(Grid):
             if dict(context.run_config) != self._run_config:
                 raise ValueError(f"The `run_config` field of the `Context` object cannot be modified "
                                  f"(run_id: {metadata.run_id}).")
-            node.context = context_to_proto(context).SerializeToString()
+            node.state = recorddict_to_proto(context.state).SerializeToString()
         except Exception as exc:  # a failing client is an error reply, never the server's exception
             log(ERROR, "ClientApp of node %s raised %s: %s", node.node_id, type(exc).__name__, exc, exc_info=exc)
             reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc)}:<'{exc}'>"),
