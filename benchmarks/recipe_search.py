@@ -50,7 +50,7 @@ ATTACK_PARAMS = "sign-flip:scale=10;corrupted-source:mode=trigger"
 SCENARIO = {"num-clients": 20, "num-malicious": 4, "rounds": 20}
 #: Every defence key, at the plain-FedAvg setting a recipe starts from.
 PLAIN = {"aggregator": "mean", "pre-aggregation": "", "num-byzantine": 0, "policy": "flag", "flag-threshold": 0.5,
-         "rollback-rounds": 0, "server-optimizer": "sgd", "server-lr": 1.0, "server-momentum": 0.0}
+         "rollback-rounds": 0, "server-optimizer": "sgd", "server-lr": 1.0, "server-momentum": 0.0, "data-audit": "off"}
 
 
 def recipe(**keys: Any) -> dict[str, Any]:
@@ -72,6 +72,39 @@ RECIPES: dict[str, dict[str, Any]] = {
     "flame-median": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4),
     "flame-tm2-q-m5": recipe(aggregator="trimmed-mean", pre_aggregation="flame", num_byzantine=2,
                              policy="quarantine", server_momentum=0.5),
+    # Wave 2 (screened on a subset of attacks first): more trimming, server momentum, the client audit.
+    "flame-tm5": recipe(aggregator="trimmed-mean", pre_aggregation="flame", num_byzantine=5),
+    "tm6": recipe(aggregator="trimmed-mean", num_byzantine=6),
+    "tm8": recipe(aggregator="trimmed-mean", num_byzantine=8),
+    "tm4-m5": recipe(aggregator="trimmed-mean", num_byzantine=4, server_momentum=0.5),
+    "flame-tm4-m5": recipe(aggregator="trimmed-mean", pre_aggregation="flame", num_byzantine=4, server_momentum=0.5),
+    "flame-tm4-m9": recipe(aggregator="trimmed-mean", pre_aggregation="flame", num_byzantine=4, server_momentum=0.9,
+                           server_lr=0.5),
+    "flame-tm4-audit": recipe(aggregator="trimmed-mean", pre_aggregation="flame", num_byzantine=4, data_audit="drop"),
+    "flame-median-m5": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4, server_momentum=0.5),
+    # Wave 3: FLAME's filter, the median and server momentum, with the client-side data audit.
+    "flame-median-m5-audit": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4,
+                                    server_momentum=0.5, data_audit="drop"),
+    "flame-median-m7-audit": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4,
+                                    server_momentum=0.7, data_audit="drop"),
+    "flame-median-m5-audit-q": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4,
+                                      server_momentum=0.5, data_audit="drop", policy="quarantine"),
+    "flame-median-m5-audit-rb1": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4,
+                                        server_momentum=0.5, data_audit="drop", rollback_rounds=1),
+    "flame-tm5-m5-audit": recipe(aggregator="trimmed-mean", pre_aggregation="flame", num_byzantine=5,
+                                 server_momentum=0.5, data_audit="drop"),
+    # Wave 4 (alpha 0.3, the backdoors): how much momentum, clipping in front, no FLAME.
+    "median-m5": recipe(aggregator="median", num_byzantine=4, server_momentum=0.5),
+    "flame-median-m3": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4, server_momentum=0.3),
+    "flame-median-m5-lr05": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4,
+                                   server_momentum=0.5, server_lr=0.5),
+    "clip1-flame-median-m5": recipe(aggregator="median", pre_aggregation="clip:norm=1,flame", num_byzantine=4,
+                                    server_momentum=0.5),
+    # Wave 5 (the whole library, 3 seeds): the closest ones, with quarantine and rollback.
+    "flame-median-m5-q": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4, server_momentum=0.5,
+                                policy="quarantine"),
+    "flame-median-m5-q-rb1": recipe(aggregator="median", pre_aggregation="flame", num_byzantine=4,
+                                    server_momentum=0.5, policy="quarantine", rollback_rounds=1),
 }
 
 
@@ -88,17 +121,23 @@ def chain_name(keys: dict[str, Any]) -> str:
     return "+".join([*steps, keys["aggregator"]])
 
 
-def run(out: Path, names: list[str], alphas: list[float], seeds: str, jobs: int, extra: dict[str, Any]) -> int:
-    """One sweep per (recipe, alpha); returns the number of sweeps that reported failed cells."""
+def run(out: Path, names: list[str], alphas: list[float], seeds: str, jobs: int, extra: dict[str, Any],
+        attacks: str | None = None) -> int:
+    """One sweep per (recipe, alpha); returns the number of sweeps that reported failed cells.
+
+    ``attacks`` (a comma list) screens a recipe on some attacks first; default: the whole library.
+    """
     failures = 0
-    attacks = ",".join(library_attacks())
+    attacks = attacks or ",".join(library_attacks())
+    # The sweep refuses parameters for attacks outside its grid.
+    params = ";".join(item for item in ATTACK_PARAMS.split(";") if item.split(":")[0] in attacks.split(","))
     for name in names:
         keys = RECIPES[name]
         for alpha in alphas:
             settings = SCENARIO | extra | {k: v for k, v in keys.items() if k not in ("aggregator", "pre-aggregation")}
             command = [sys.executable, "-m", "simulations", "sweep", "--attacks", attacks,
                        "--aggregators", chain_name(keys), "--seeds", seeds, "--jobs", str(jobs),
-                       "--attack-params", ATTACK_PARAMS, "--alpha", str(alpha),
+                       "--attack-params", params, "--alpha", str(alpha),
                        "--out", str(out / name / f"alpha{alpha}")]
             for key, value in settings.items():
                 command += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
@@ -187,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("--num-clients", type=int, default=SCENARIO["num-clients"])
     run_parser.add_argument("--num-malicious", type=int, default=SCENARIO["num-malicious"])
     run_parser.add_argument("--out", type=Path, required=True)
+    run_parser.add_argument("--attacks", default=None, help="comma list (default: none and every library attack)")
     report_parser = commands.add_parser("report")
     report_parser.add_argument("out", type=Path)
     report_parser.add_argument("--reference", default="mean")
@@ -198,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unknown recipes {unknown}; known: {sorted(RECIPES)}")
         extra = {"num-clients": args.num_clients, "num-malicious": args.num_malicious}
         return 1 if run(args.out, args.recipes.split(","), [float(a) for a in args.alphas.split(",")], args.seeds,
-                        args.jobs, extra) else 0
+                        args.jobs, extra, args.attacks) else 0
     rows = report(args.out, args.reference)
     print(markdown(rows))
     if args.json:
