@@ -13,7 +13,10 @@ import pytest
 
 from simulations.harness import run_federation
 
-BASE = {"aggregator": "mean", "num-byzantine": 0, "rounds": 10}
+#: The plain mean, every defence key spelled out: these specifications are about the monitor and the
+#: quarantine policy, not about the defaults' recipe.
+BASE = {"aggregator": "mean", "num-byzantine": 0, "pre-aggregation": "", "policy": "flag", "rollback-rounds": 0,
+        "server-optimizer": "sgd", "server-lr": 1.0, "server-momentum": 0.0, "data-audit": "off", "rounds": 10}
 
 
 @pytest.fixture

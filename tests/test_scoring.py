@@ -14,11 +14,13 @@ from hypothesis import strategies as st
 from server.reputation import Reputation
 from server.scoring import (
     DEFAULT_Z_HALF,
+    DEFAULT_Z_ONSET,
     ClientScores,
     auroc,
     detection_quality,
     read_scores_csv,
     robust_z,
+    score_features,
     score_updates,
     write_scores_csv,
 )
@@ -121,14 +123,89 @@ def test_each_attack_shows_on_the_feature_it_distorts():
 
 
 def test_combined_score_formula_and_threshold_meaning():
-    # One feature at exactly z: combined = 1 - 2^(-(z - 3) / 1.5); 0.5 exactly at z = 4.5.
-    for z, expected in ((2.0, 0.0), (3.0, 0.0), (4.5, 0.5), (6.0, 0.75)):
+    # One feature at exactly z: combined = 1 - 2^(-(z - 3) / 3.5); 0.5 exactly at z = 6.5.
+    assert (DEFAULT_Z_ONSET, DEFAULT_Z_HALF) == (3.0, 6.5)
+    for z, expected in ((2.0, 0.0), (3.0, 0.0), (4.5, 1 - 2 ** (-1.5 / 3.5)), (6.5, 0.5), (10.0, 0.75)):
         # median 2, MAD 1: the last client's rule score sits exactly z robust sd out.
         rule = torch.tensor([0.0, 1.0, 2.0, 2.0, 3.0, 4.0, 2.0 + z * 1.4826], dtype=torch.float64)
         updates = torch.ones(7, 3)  # identical updates: only the rule score differs
         scores = score_updates(updates, torch.ones(3), rule)
         assert scores.rule_z[-1] == pytest.approx(z)
         assert scores.combined[-1].item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_kinds_of_evidence_add_in_quadrature():
+    # Two clients out on two kinds at once (direction and smallness); one out on size alone.
+    norm = torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.0, 1.0], dtype=torch.float64)
+    cosine = torch.tensor([0.5, 0.52, 0.48, 0.51, 0.49, 0.5, 0.5, 0.5], dtype=torch.float64)
+    scores = score_features(norm, cosine, norm.clone(), None)
+    expected = torch.stack([torch.stack([scores.norm_z, scores.distance_z]).amax(0).clamp(min=0),
+                            scores.cosine_z.clamp(min=0), (-scores.log_norm_z).clamp(min=0)]).square().sum(0).sqrt()
+    assert torch.allclose(scores.evidence, expected)
+    two_kinds = score_features(torch.tensor([1.0, 1.1, 0.9, 1.05, 0.95, 1.0, 1.0, 0.2], dtype=torch.float64),
+                               torch.tensor([0.5, 0.52, 0.48, 0.51, 0.49, 0.5, 0.5, 0.3], dtype=torch.float64),
+                               norm.clone(), None)
+    z_small, z_cos = -two_kinds.log_norm_z[-1].item(), two_kinds.cosine_z[-1].item()
+    assert two_kinds.evidence[-1].item() == pytest.approx(math.hypot(z_small, z_cos))
+
+
+def test_one_kind_of_evidence_needs_the_full_threshold():
+    # Size features (norm, distance, rule score) are one kind: their maximum counts, not their sum,
+    # so an honest client with a big update (much data, a hard label mix) is not counted three times.
+    norm = 1.0 + 0.01 * torch.arange(-9, 11, dtype=torch.float64)  # 0.91 .. 1.10, MAD 0.05
+    norm[0] = 1.005 + 5.5 * 1.4826 * 0.05  # 5.5 robust sd above the median
+    cosine = torch.full((20,), 0.5, dtype=torch.float64)
+    scores = score_features(norm, cosine, norm.clone(), norm.clone())
+    size = torch.stack([scores.norm_z, scores.distance_z, scores.rule_z])[:, 0]
+    assert (size > 5.0).all() and torch.linalg.vector_norm(size) > DEFAULT_Z_HALF  # summed, it would flag
+    assert scores.evidence[0].item() == pytest.approx(size.max().item())
+    assert scores.combined[0] < 0.5
+
+
+def test_a_small_fraction_of_the_peers_norm_is_evidence_the_linear_norm_cannot_give():
+    # IPM-like: a row a tenth of the honest norms. Its linear z is bounded by -median/scale; its
+    # log norm is far out.
+    rng = np.random.default_rng(2)
+    norm = torch.tensor(np.exp(rng.normal(0.0, 0.4, 20)), dtype=torch.float64)
+    norm[-1] = 0.1 * float(norm[:-1].median())
+    scores = score_features(norm, torch.full((20,), 0.5, dtype=torch.float64), norm.clone(), None)
+    assert scores.norm_z[-1] > -4.0
+    assert scores.log_norm_z[-1] < -DEFAULT_Z_HALF
+    assert scores.combined[-1] >= 0.5
+    # An honest client with little data (a third of the median norm) is no such evidence.
+    norm[-1] = float(norm[:-1].median()) / 3.0
+    assert score_features(norm, torch.full((20,), 0.5, dtype=torch.float64), norm.clone(), None).combined[-1] < 0.5
+
+
+def test_log_norms_within_the_natural_spread_are_not_evidence():
+    # Identical norms but one at 70% of the others: the log spread is floored at 0.3 (a factor 1.35).
+    norm = torch.ones(10, dtype=torch.float64)
+    norm[0] = 0.7
+    scores = score_features(norm, torch.zeros(10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64))
+    assert scores.log_norm_z[0].item() == pytest.approx(math.log(0.7) / 0.3)
+
+
+def test_a_zero_update_among_real_ones_is_fully_suspicious_and_all_zero_is_not():
+    updates = torch.randn(8, 5, generator=torch.Generator().manual_seed(0)) + 3.0
+    updates[2] = 0.0
+    scores = score_updates(updates, updates.median(dim=0).values)
+    assert torch.isfinite(scores.log_norm_z).all() and scores.combined[2] > 0.99
+    none_moved = score_updates(torch.zeros(6, 4), torch.zeros(4))
+    assert torch.equal(none_moved.combined, torch.zeros(6, dtype=torch.float64))
+
+
+def test_score_features_scores_stored_features_like_score_updates():
+    updates = honest_and_attackers("sign-flip", seed=5)
+    aggregate = coordinate_median(updates)
+    rule = torch.linspace(0.0, 1.0, len(updates), dtype=torch.float64)
+    live = score_updates(updates, aggregate, rule)
+    again = score_features(live.norm, live.cosine, live.distance, rule)
+    for name in ("norm_z", "cosine_z", "distance_z", "rule_z", "log_norm_z", "evidence", "combined"):
+        assert torch.equal(getattr(live, name), getattr(again, name)), name
+    with pytest.raises(ValueError, match="norms must be finite and >= 0"):
+        score_features(-live.norm, live.cosine, live.distance)
+    with pytest.raises(ValueError, match=r"must be \(n,\) alike"):
+        score_features(live.norm, live.cosine[:3], live.distance)
 
 
 def test_rule_scores_are_used_and_constant_ones_ignored():
@@ -195,7 +272,8 @@ def test_as_rows_gives_plain_numbers_per_node():
     node_ids = list(range(100, 120))
     rows = scores.as_rows(node_ids)
     assert [row["node_id"] for row in rows] == node_ids
-    assert set(rows[0]) == {"node_id", "norm", "cosine", "distance", "norm_z", "cosine_z", "distance_z", "rule_z"}
+    assert set(rows[0]) == {"node_id", "norm", "cosine", "distance", "norm_z", "cosine_z", "distance_z", "rule_z",
+                            "log_norm_z", "evidence"}
     assert rows[19]["norm_z"] == pytest.approx(float(scores.norm_z[19]))
     assert all(type(v) in (int, float) for row in rows for v in row.values())
     with pytest.raises(ValueError, match="3 node ids for 20"):
@@ -352,6 +430,35 @@ def test_quarantine_after_m_flags_for_k_rounds_then_released():
     assert rep.is_quarantined(7, 8) and rep.flag_counts == {7: 4}
 
 
+def test_flags_far_apart_do_not_add_up_to_a_quarantine():
+    # Under label skew an honest client is flagged now and then; an attacker round after round.
+    rep = Reputation("quarantine", quarantine_after=2, quarantine_rounds=3, strike_window=5)
+    for server_round in range(1, 21):
+        sporadic = 0.9 if server_round in (3, 8, 13, 18) else 0.0  # flagged every 5th round
+        rep.observe(server_round, [1, 2], [sporadic, 0.95])
+        if server_round == 2:
+            assert rep.quarantines == {2: (2, 5)}  # flagged in rounds 1 and 2: out from round 2
+    assert 1 not in rep.quarantines and rep.flag_counts[1] == 4
+    close = Reputation("quarantine", strike_window=5)
+    close.observe(3, [1], [0.9])
+    close.observe(7, [1], [0.9])  # within 5 rounds of the first flag
+    assert close.quarantines == {1: (7, 10)}
+    forever = Reputation("quarantine", strike_window=None)  # the former rule: every flag since release
+    forever.observe(3, [1], [0.9])
+    forever.observe(18, [1], [0.9])
+    assert forever.quarantines == {1: (18, 21)}
+
+
+def test_reputation_reads_a_format_1_state_with_strike_counts():
+    old = {"format": 1, "policy": "quarantine", "decay": 0.5, "threshold": 0.5, "quarantine_after": 2,
+           "quarantine_rounds": 3, "last_round": 4, "reputation": {"7": 0.45}, "flags": {"7": 1},
+           "strikes": {"7": 1}, "quarantine": {}, "forced": {}}
+    rep = Reputation("quarantine")
+    rep.load_state_dict(old)
+    rep.observe(5, [7], [0.9])  # the saved strike counts as a flag of round 4
+    assert rep.quarantines == {7: (5, 8)}
+
+
 def test_exclude_drops_this_rounds_flagged_nodes_only():
     rep = Reputation("exclude", threshold=0.5)
     flagged = rep.observe(1, [1, 2, 3], [0.2, 0.95, 0.1])
@@ -402,6 +509,8 @@ def test_reputation_rejects_bad_settings_and_input():
         Reputation(threshold=0.0)
     with pytest.raises(ValueError, match="quarantine_after"):
         Reputation(quarantine_after=0)
+    with pytest.raises(ValueError, match="strike_window"):
+        Reputation(strike_window=0)
     rep = Reputation()
     with pytest.raises(ValueError, match="2 node ids but 1 scores"):
         rep.observe(1, [1, 2], [0.5])
