@@ -41,12 +41,12 @@ class RunSettings:
     attack_params: str = ""
     attack_start_round: int = 1
     allow_attacks_outside_simulation: bool = False
-    aggregator: str = "trimmed-mean"
+    aggregator: str = "median"
     num_byzantine: int = 2
-    pre_aggregation: str = ""
+    pre_aggregation: str = "flame"
     server_optimizer: str = "sgd"
     server_lr: float = 1.0
-    server_momentum: float = 0.0
+    server_momentum: float = 0.5
     server_beta1: float = 0.9
     server_beta2: float = 0.99
     server_tau: float = 0.001
