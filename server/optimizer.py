@@ -112,7 +112,7 @@ class ServerOptimizer:
         """Whether ``step`` is exactly ``global + aggregate`` (sgd, lr 1, no momentum)."""
         return self.kind == "sgd" and self.lr == 1.0 and self.momentum == 0.0
 
-    def step(self, global_vector: Tensor, aggregate_update: Tensor) -> Tensor:
+    def step(self, global_vector: Tensor, aggregate_update: Tensor, statistics: Optional[Tensor] = None) -> Tensor:
         """The next global model from this round's aggregate update.
 
         Parameters
@@ -121,6 +121,11 @@ class ServerOptimizer:
             ``(d,)`` floating: the current global model, flattened.
         aggregate_update : Tensor
             ``(d,)`` floating and finite, any device: the robust rule's output (new minus old).
+        statistics : Tensor, optional
+            ``(d,)`` bool: coordinates that are running statistics, not parameters (BatchNorm's
+            ``running_mean`` and ``running_var``). They take the aggregate as it is: momentum or an
+            adaptive step would move a variance past zero (a NaN model) and has no meaning for an
+            average the clients measured. The optimizer's state stays zero there.
 
         Returns
         -------
@@ -151,6 +156,19 @@ class ServerOptimizer:
         if self.is_plain:
             self.steps += 1
             return global_vector + aggregate_update.to(device=device, dtype=dtype)
+        if statistics is None or not bool(statistics.any()):
+            return self._step(global_vector, aggregate_update)
+        if statistics.shape != global_vector.shape or statistics.dtype != torch.bool:
+            raise ValueError(f"server optimizer: statistics must be a bool mask of shape {tuple(global_vector.shape)}")
+        statistics = statistics.to(device)
+        update = aggregate_update.to(device=device, dtype=dtype)
+        new_global = self._step(global_vector, update.masked_fill(statistics, 0.0))
+        new_global[statistics] = global_vector[statistics] + update[statistics]
+        return new_global
+
+    def _step(self, global_vector: Tensor, aggregate_update: Tensor) -> Tensor:
+        """The optimizer's update rule on validated inputs (module notes)."""
+        device, dtype = global_vector.device, global_vector.dtype
         # float64 state, updated in place (state_dict and load_state_dict copy, so no snapshot aliases it).
         delta = aggregate_update.to(device=device, dtype=torch.float64, copy=True)
         if self.kind == "sgd":

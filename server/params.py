@@ -7,7 +7,9 @@ A model is aggregated as it is:
   The vector is float64 when any entry is float64, else float32, and every entry goes back in
   its own dtype. bfloat16 entries travel as float32 (``client.wire``); when the server knows the
   model's dtypes it rounds the aggregate back to bfloat16, so the global model holds exactly
-  what a bfloat16 model can.
+  what a bfloat16 model can. Running statistics (``running_mean``, ``running_var``) are in the
+  vector and aggregated by the rule, but the server optimizer applies no momentum or adaptive
+  step to them (``ParamSpec.statistics_mask``).
 * **Integer and boolean entries** (BatchNorm's ``num_batches_tracked``) are not averaged as
   floats. Their rule: each element becomes the *lower median* of the accepted clients' values
   (the middle value, the lower of the two middle ones for an even count). A median is what a
@@ -17,12 +19,16 @@ A model is aggregated as it is:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
+
+#: State-dict names of running statistics (torch's BatchNorm, InstanceNorm and their kin).
+RUNNING_STATISTICS = frozenset({"running_mean", "running_var"})
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,18 @@ class ParamSpec:
         """float64 when any floating-point entry is float64, else float32."""
         return torch.float64 if any(d == "float64" for k, d in zip(self.keys, self.dtypes)
                                     if k in self.float_keys) else torch.float32
+
+    @functools.cached_property
+    def statistics_mask(self) -> torch.Tensor:
+        """``(dim,)`` bool: the flat vector's coordinates that hold running statistics.
+
+        torch's normalisation layers name them ``running_mean`` and ``running_var`` in the state
+        dict; the server optimizer applies the aggregate to them as it is (``ServerOptimizer.step``).
+        """
+        sizes = dict(zip(self.keys, self.sizes))
+        parts = [torch.full((sizes[k],), k.rsplit(".", 1)[-1] in RUNNING_STATISTICS, dtype=torch.bool)
+                 for k in self.float_keys]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
     def entry(self, key: str) -> tuple[tuple[int, ...], str, str]:
         """(shape, wire dtype, model dtype) of one entry."""

@@ -363,7 +363,8 @@ class RobustStrategy(Strategy):
         if self.privacy.mode != "off":
             vector = self._privatise(vector, keep, record, norms if self.privacy.mode == "central" else None)
 
-        new_global = self.optimizer.step(self._global, vector.to("cpu", self._global.dtype))
+        new_global = self.optimizer.step(self._global, vector.to("cpu", self._global.dtype),
+                                         statistics=self._spec.statistics_mask)
         record["aggregate_sha256"] = _sha256(vector)
         record["train_loss"] = _train_loss(valid)
         kept = [v for v in valid if v.node_id not in set(record["excluded"])] or valid

@@ -232,3 +232,45 @@ def test_summary_and_run_config() -> None:
     assert built.summary() == "server optimizer: yogi (FedYogi), lr=1, beta1=0.9, beta2=0.99, tau=0.0001"
     with pytest.raises(ValueError, match="momentum applies to kind 'sgd' only"):
         ServerOptimizer.from_run_config({"server-optimizer": "adam", "server-momentum": 0.9})
+
+
+# --- running statistics ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [lambda: ServerOptimizer("sgd", lr=1.0, momentum=0.9),
+                                  lambda: ServerOptimizer("adam", lr=0.1), lambda: ServerOptimizer("yogi", lr=0.1)])
+def test_running_statistics_take_the_aggregate_as_it_is(make) -> None:
+    """Momentum or an adaptive step on a BatchNorm variance can push it below zero (a NaN model):
+    the coordinates marked as statistics move by the aggregate alone, the others as without a mask."""
+    deltas = rounds(3, 6, 5, scale=0.5)
+    statistics = torch.tensor([False, False, False, True, True, False])
+    masked, plain = make(), make()
+    x = torch.ones(6, dtype=torch.float64)
+    y = x.clone()
+    for delta in deltas:
+        update = torch.from_numpy(delta)
+        expected_statistics = x[statistics] + update[statistics]
+        x = masked.step(x, update, statistics=statistics)
+        y = plain.step(y, update.masked_fill(statistics, 0.0))
+        torch.testing.assert_close(x[statistics], expected_statistics, rtol=0, atol=0)
+        torch.testing.assert_close(x[~statistics], y[~statistics], rtol=0, atol=0)
+
+
+def test_a_variance_shrinking_every_round_stays_positive_under_momentum() -> None:
+    """A running variance that the clients shrink by 40% each round never crosses zero."""
+    optimizer = ServerOptimizer("sgd", momentum=0.9)
+    variance = torch.ones(1, dtype=torch.float64)
+    for _ in range(10):
+        variance = optimizer.step(variance, -0.4 * variance, statistics=torch.ones(1, dtype=torch.bool))
+    assert float(variance) > 0
+
+
+def test_the_spec_marks_batchnorm_running_statistics() -> None:
+    from flwr.app import ArrayRecord
+
+    from server.params import ParamSpec
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    spec = ParamSpec.of(ArrayRecord(model.state_dict()))
+    # Linear weight (6) and bias (2), BatchNorm weight (2), bias (2), running_mean (2), running_var (2).
+    assert spec.statistics_mask.tolist() == [False] * 12 + [True] * 4
