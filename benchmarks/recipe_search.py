@@ -139,7 +139,9 @@ def run(out: Path, names: list[str], alphas: list[float], seeds: str, jobs: int,
     for name in names:
         keys = RECIPES[name]
         for alpha in alphas:
-            settings = SCENARIO | extra | {k: v for k, v in keys.items() if k not in ("aggregator", "pre-aggregation")}
+            # The chain's name carries the pre-aggregation; the sweep-wide value must still be given,
+            # or a chain without one ("mean") would run behind the defaults' pre-aggregation.
+            settings = SCENARIO | extra | {k: v for k, v in keys.items() if k != "aggregator"} | {"pre-aggregation": ""}
             command = [sys.executable, "-m", "simulations", "sweep", "--attacks", attacks,
                        "--aggregators", chain_name(keys), "--seeds", seeds, "--jobs", str(jobs),
                        "--attack-params", params, "--alpha", str(alpha),

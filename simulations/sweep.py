@@ -21,7 +21,8 @@ from the cells alone.
 
 Grid names: attack ``none`` is the clean reference (it runs with ``num-malicious = 0``); an
 aggregator ``nnm+trimmed-mean`` runs ``trimmed-mean`` behind the pre-aggregation ``nnm`` (every part
-before the last ``+`` is a pre-aggregation step, in order). ``--attack-params`` is either one
+before the last ``+`` is a pre-aggregation step, in order; ``mean`` is the plain mean, whatever
+the defaults put in front of the rule). ``--attack-params`` is either one
 ``key=value,...`` string for every attack, or per attack: ``"sign-flip:scale=10;backdoor:boost=5"``.
 """
 
@@ -238,7 +239,8 @@ def cell_overrides(base: dict[str, Any], cell: Cell, attack_params: dict[str, st
     dict
         ``base`` with the cell's ``attack``, ``attack-params``, ``aggregator``, ``seed`` and
         ``out``; ``num-malicious = 0`` for attack ``none``; ``pre-aggregation`` set from the
-        aggregator's name when it has a ``+`` (otherwise the sweep-wide value stays).
+        aggregator's name when it has a ``+``, else the sweep-wide ``--pre-aggregation`` when one
+        was given, else none (not the defaults' pre-aggregation).
     """
     rule, pre = split_aggregator(cell.aggregator)
     # A cell is rerun whole when it did not finish, and the sweep has its own tables and figures:
@@ -250,7 +252,10 @@ def cell_overrides(base: dict[str, Any], cell: Cell, attack_params: dict[str, st
         "seed": cell.seed,
         "out": str(cell.directory(sweep_dir)),
     }
-    if pre:
+    # The grid name is the whole chain: "mean" is the plain mean, not the mean behind the defaults'
+    # pre-aggregation (FLAME, in the recommended recipe). A sweep-wide --pre-aggregation still
+    # applies to names without a "+".
+    if pre or "pre-aggregation" not in base:
         overrides["pre-aggregation"] = pre
     if cell.attack == NO_ATTACK:
         overrides["num-malicious"] = 0

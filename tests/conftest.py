@@ -16,8 +16,12 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+#: The defence keys that the defaults (the recommended recipe) set around the rule, at their plain
+#: values: specifications about one rule alone, the monitor or DP use them.
+PLAIN = {"pre-aggregation": "", "server-momentum": 0.0}
+
 #: Digits, 10 IID clients, plain mean, no attacker, 10 rounds.
-CLEAN_MEAN = {"aggregator": "mean", "num-byzantine": 0, "attack": "none", "num-malicious": 0, "rounds": 10}
+CLEAN_MEAN = PLAIN | {"aggregator": "mean", "num-byzantine": 0, "attack": "none", "num-malicious": 0, "rounds": 10}
 
 
 @pytest.fixture(scope="session")

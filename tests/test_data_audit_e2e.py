@@ -17,6 +17,8 @@ from client.data_audit import audit_dataset
 from simulations.attacks import build
 from simulations.harness import run_federation
 
+from conftest import PLAIN
+
 
 @pytest.mark.parametrize("mode", ["flip", "trigger"])
 def test_the_audit_finds_what_the_corrupted_source_changed(mode):
@@ -40,7 +42,7 @@ def test_dropping_flagged_samples_recovers_a_corrupted_federation(clean_mean_run
     """30% of every client's labels flipped at the source; the audit drops what it flags."""
     summary = run_federation({"aggregator": "mean", "num-byzantine": 0, "rounds": 10, "attack": "corrupted-source",
                               "attack-params": "fraction=0.3", "num-malicious": 10, "data-audit": "drop",
-                              "out": str(tmp_path / "drop")})
+                              "out": str(tmp_path / "drop"), **PLAIN})
     print(f"clean {clean_mean_run['final_accuracy']:.4f}, 30% flipped + audit drop {summary['final_accuracy']:.4f}")
     assert summary["final_accuracy"] >= clean_mean_run["final_accuracy"] - 0.03
     reports = summary["rounds"][0]["client_reports"]

@@ -15,6 +15,8 @@ import pytest
 
 from simulations.harness import run_federation
 
+from conftest import PLAIN
+
 SURFACE_KEYS = {"config", "final_accuracy", "best_accuracy", "clean_accuracy", "backdoor_asr", "detection",
                 "privacy", "wall_seconds", "rounds"}
 ROUND_KEYS = {"round", "accuracy", "loss", "accepted", "rejected", "scores"}
@@ -27,7 +29,7 @@ def runs(tmp_path_factory, clean_mean_run):
     root = tmp_path_factory.mktemp("e2e")
     clean = clean_mean_run
     attacked = {
-        rule: run_federation({"aggregator": rule, "num-byzantine": 3, "rounds": 10, "out": str(root / rule), **ATTACK})
+        rule: run_federation({"aggregator": rule, "num-byzantine": 3, "rounds": 10, "out": str(root / rule), **ATTACK, **PLAIN})
         for rule in ("mean", "median", "trimmed-mean")
     }
     return root, clean, attacked

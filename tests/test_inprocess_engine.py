@@ -34,6 +34,8 @@ from flwr.serverapp import ServerApp
 from simulations.harness import partitions_in_node_id_order, project_dir, run_federation, simulate
 from simulations.inprocess import InProcessGrid, node_ids_for, run_inprocess, through_the_wire
 
+from conftest import PLAIN
+
 RUN_CONFIG = {"seed": 0, "note": "test"}
 
 
@@ -228,7 +230,7 @@ def test_flowers_engine_gets_partitions_in_node_id_order():
 
 # ---------------------------------------------------------------- Phalanx's federation on both engines
 
-BASE = {"num-clients": 8, "num-malicious": 2, "num-byzantine": 2, "rounds": 3, "alpha": 0.5}
+BASE = PLAIN | {"num-clients": 8, "num-malicious": 2, "num-byzantine": 2, "rounds": 3, "alpha": 0.5}
 CELLS = {
     "trimmed-mean + sign-flip": {"aggregator": "trimmed-mean", "attack": "sign-flip"},
     "krum + alie": {"aggregator": "krum", "attack": "alie"},

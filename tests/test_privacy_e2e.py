@@ -39,11 +39,13 @@ from server.privacy import DPConfigError, epsilon_for
 from server.settings import RunSettings
 from simulations.harness import run_federation
 
+from conftest import PLAIN
+
 DELTA = 1e-5
 SIGMA = 1.0
 CLIP = 0.5
 #: No attacker: every client is honest, so every difference below is DP's doing.
-HONEST = {"attack": "none", "num-malicious": 0, "dataset": "digits", "alpha": 0.0, "delta": DELTA,
+HONEST = PLAIN | {"attack": "none", "num-malicious": 0, "dataset": "digits", "alpha": 0.0, "delta": DELTA,
           "clip-norm": CLIP, "noise-multiplier": SIGMA}
 #: 8 clients, 4 sampled a round: q = 0.5.
 SAMPLED = {"num-clients": 8, "fraction-train": 0.5, "rounds": 3}
@@ -272,7 +274,7 @@ def test_the_first_budget_check_uses_the_runs_sampling_rate():
     one_round_sampled = epsilon_for(1.0, 0.5, 1, DELTA)
     one_round_everyone = epsilon_for(1.0, 1.0, 1, DELTA)
     assert one_round_sampled < one_round_everyone
-    settings = RunSettings(num_clients=8, fraction_train=0.5, aggregator="mean", num_byzantine=0, dp="central",
+    settings = RunSettings(num_clients=8, fraction_train=0.5, aggregator="mean", num_byzantine=0, pre_aggregation="", dp="central",
                            noise_multiplier=1.0, delta=DELTA,
                            target_epsilon=(one_round_sampled + one_round_everyone) / 2,
                            attack="none", num_malicious=0)
@@ -280,7 +282,7 @@ def test_the_first_budget_check_uses_the_runs_sampling_rate():
 
 
 def test_a_budget_too_small_for_one_round_ends_cleanly_with_no_rounds(tmp_path):
-    settings = RunSettings(aggregator="mean", num_byzantine=0, dp="central", noise_multiplier=1.0, delta=DELTA,
+    settings = RunSettings(aggregator="mean", num_byzantine=0, pre_aggregation="", dp="central", noise_multiplier=1.0, delta=DELTA,
                            target_epsilon=epsilon_for(1.0, 1.0, 1, DELTA) / 2, rounds=3, attack="none",
                            num_malicious=0, out=str(tmp_path / "run"))
     summary = run_server(None, settings)  # type: ignore[arg-type]  # no round runs, so no Grid is needed
@@ -290,7 +292,7 @@ def test_a_budget_too_small_for_one_round_ends_cleanly_with_no_rounds(tmp_path):
 
 
 def test_a_round_with_clipping_but_no_noise_can_be_audited(tmp_path):
-    settings = RunSettings(aggregator="mean", num_byzantine=0, dp="central", noise_multiplier=0.0)
+    settings = RunSettings(aggregator="mean", num_byzantine=0, pre_aggregation="", dp="central", noise_multiplier=0.0)
     record = {"round": 1, "accuracy": 0.9, "loss": 0.3, "epsilon": epsilon_for(0.0, 1.0, 1, DELTA)}
     assert math.isinf(record["epsilon"])
     AuditLog(tmp_path / "audit.jsonl").append(RobustRun(build_strategy(settings, None)).audit_record(record))

@@ -24,6 +24,8 @@ from server.audit import verify
 from server.run import RunStateError
 from simulations.harness import run_federation
 
+from conftest import PLAIN
+
 SHORT = {"aggregator": "median", "num-byzantine": 1, "attack": "sign-flip", "num-malicious": 2, "rounds": 3}
 
 
@@ -108,7 +110,7 @@ def test_a_round_that_makes_the_model_non_finite_is_not_kept(tmp_path):
     the model goes back to the round's start, and the run goes on to the end."""
     out = tmp_path / "run"
     summary = run_federation({"aggregator": "mean", "num-byzantine": 0, "attack": "scaling",
-                              "attack-params": "scale=1e35", "num-malicious": 1, "rounds": 3, "out": str(out)})
+                              "attack-params": "scale=1e35", "num-malicious": 1, "rounds": 3, "out": str(out), **PLAIN})
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     initial = summary["initial_evaluation"]
     for record in summary["rounds"]:
@@ -125,7 +127,7 @@ def test_rollback_undoes_a_late_attack_and_ends_near_the_clean_run(tmp_path, cle
     """Sign-flip attackers start after convergence (round 6 of 10) against the plain mean. Without
     rollback the mean collapses; with ``rollback-rounds = 1`` each alert restores the previous
     model and quarantines the flagged attackers, and the run ends within 2 points of clean."""
-    late = {"aggregator": "mean", "num-byzantine": 0, "attack": "sign-flip", "attack-params": "scale=10",
+    late = PLAIN | {"aggregator": "mean", "num-byzantine": 0, "attack": "sign-flip", "attack-params": "scale=10",
             "num-malicious": 3, "attack-start-round": 6, "rounds": 10}
     broken = run_federation(late | {"out": str(tmp_path / "no-rollback")})
     assert broken["final_accuracy"] < clean_mean_run["final_accuracy"] - 0.2
