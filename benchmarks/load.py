@@ -50,7 +50,7 @@ def bench_clients(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         summary = run_federation({"num-clients": args.clients, "num-malicious": 0, "attack": "none",
                                   "aggregator": args.aggregator, "num-byzantine": 0, "rounds": args.rounds,
-                                  "out": out})
+                                  "pre-aggregation": "", "server-momentum": 0.0, "out": out})
         wall = time.perf_counter() - started
     rounds = summary["rounds"]
     later = [r["seconds"] for r in rounds[1:]] or [rounds[0]["seconds"]]

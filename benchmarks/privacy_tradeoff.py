@@ -99,6 +99,8 @@ class Cell:
             "seed": args.seed,
             "aggregator": self.aggregator,
             "num-byzantine": NUM_BYZANTINE.get(self.aggregator, DEFAULT_F),
+            "pre-aggregation": "",  # the rule alone (the defaults put FLAME in front)
+            "server-momentum": 0.0,
             "dp": "off" if self.dp == "clip" else self.dp,
             "clip-norm": args.clip_norm,
             "noise-multiplier": self.noise_multiplier if self.dp in ("central", "client") else 0.0,

@@ -56,7 +56,7 @@ GRID_SETTINGS = ["--num-clients", "20", "--num-malicious", "4", "--num-byzantine
 
 #: The experiment of the cell-versus-loop comparison.
 CELL = {"num-clients": 25, "rounds": 20, "attack": "none", "num-malicious": 0, "aggregator": "mean",
-        "num-byzantine": 0, "seed": 0}
+        "num-byzantine": 0, "seed": 0, "pre-aggregation": "", "server-momentum": 0.0}
 
 
 def reference_loop(num_clients: int = 25, rounds: int = 20, seed: int = 0) -> list[float]:

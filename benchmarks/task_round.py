@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or tempfile.mkdtemp(prefix="phalanx-task-round-")
     config = {"task": args.task, "num-clients": args.clients, "rounds": args.rounds, "aggregator": args.aggregator,
               "num-byzantine": args.num_byzantine, "local-epochs": args.local_epochs,
-              "batch-size": args.batch_size, "amp": args.amp, "out": out}
+              "batch-size": args.batch_size, "amp": args.amp, "pre-aggregation": "", "server-momentum": 0.0,
+              "out": out}
     started = time.time()
     summary = run_federation(config)
     wall = time.time() - started
