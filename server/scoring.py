@@ -255,7 +255,7 @@ def score_updates(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: t
     if norms is not None and (not isinstance(norms, torch.Tensor) or tuple(norms.shape) != (updates.shape[0],)):
         raise ValueError(f"score_updates: norms must be a tensor of shape ({updates.shape[0]},)")
     if fast:
-        from server.stacking import row_features
+        from server.stacking import all_finite, row_features
 
         sq, dot, sq_distance = row_features(updates, aggregate, None if norms is None else norms.double() ** 2)
         # A NaN or Inf anywhere in a row makes its distance to the (finite) aggregate non-finite:
@@ -266,7 +266,7 @@ def score_updates(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: t
             bad = suspects[~finite_rows].tolist()
             if bad:
                 raise ValueError(f"score_updates: update rows {bad} contain NaN or Inf")
-        if not bool(torch.isfinite(aggregate).all()):
+        if not all_finite(aggregate):
             raise ValueError("score_updates: aggregate contains NaN or Inf")
         _check_rule_scores(rule_scores, updates.shape[0])
         norm = sq.sqrt() if norms is None else norms.detach().to("cpu", torch.float64)

@@ -26,6 +26,7 @@ import hashlib
 import io
 import math
 import mmap
+import re
 
 import numpy as np
 import torch
@@ -39,6 +40,42 @@ BLOCK = 1 << 17
 MAX_HEADER_SIZE = 10000
 
 
+#: The header ``np.save`` writes (``numpy.lib.format``), read without ``ast.literal_eval``
+#: (which cost 60 us an array: 0.15 s a round of 20 ResNet-18 replies). Any other header is
+#: parsed by numpy itself.
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|=]?[a-z][0-9]+)', 'fortran_order': (False|True), "
+                         rb"'shape': \(((?:[0-9]+, ?)*[0-9]*)\), \} *\n")
+_DTYPES: dict[bytes, np.dtype] = {}
+
+
+def _npy_header(data: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """(shape, fortran_order, dtype, data offset) of a version 1.0/2.0 ``.npy`` header, or None."""
+    if data[:6] != b"\x93NUMPY":
+        return None
+    if data[6:8] == b"\x01\x00":
+        start, length = 10, int.from_bytes(data[8:10], "little")
+    elif data[6:8] == b"\x02\x00":
+        start, length = 12, int.from_bytes(data[8:12], "little")
+    else:
+        return None
+    if length > MAX_HEADER_SIZE:
+        return None
+    header = data[start:start + length]
+    match = _NPY_HEADER.fullmatch(header)
+    if match is None:
+        handle = io.BytesIO(data)
+        version = np.lib.format.read_magic(handle)
+        read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read(handle, max_header_size=MAX_HEADER_SIZE)
+        return tuple(shape), bool(fortran), dtype, handle.tell()
+    descr, fortran, dims = match.groups()
+    dtype = _DTYPES.get(descr)
+    if dtype is None:
+        dtype = _DTYPES.setdefault(descr, np.dtype(descr.decode("ascii")))
+    shape = tuple(int(x) for x in dims.split(b",") if x.strip())
+    return shape, fortran == b"True", dtype, start + length
+
+
 def npy_view(array, shape: tuple[int, ...], dtype: str) -> np.ndarray | None:
     """A read-only view of ``array``'s ``.npy`` payload when it is plainly a C-order ``dtype``
     array of ``shape``, with the data all there; None otherwise (decode it with ``array.numpy()``).
@@ -49,18 +86,12 @@ def npy_view(array, shape: tuple[int, ...], dtype: str) -> np.ndarray | None:
     if not isinstance(data, (bytes, bytearray)) or getattr(array, "stype", None) != "numpy.ndarray":
         return None
     try:
-        handle = io.BytesIO(data)
-        version = np.lib.format.read_magic(handle)
-        if version == (1, 0):
-            header = np.lib.format.read_array_header_1_0(handle, max_header_size=MAX_HEADER_SIZE)
-        elif version == (2, 0):
-            header = np.lib.format.read_array_header_2_0(handle, max_header_size=MAX_HEADER_SIZE)
-        else:
-            return None
-        found_shape, fortran, found_dtype = header
-        offset = handle.tell()
+        header = _npy_header(data)
     except Exception:  # noqa: BLE001 - the slow path names the problem
         return None
+    if header is None:
+        return None
+    found_shape, fortran, found_dtype, offset = header
     expected = np.dtype(dtype)
     if found_dtype != expected or found_dtype.hasobject or tuple(found_shape) != tuple(shape):
         return None
@@ -72,26 +103,26 @@ def npy_view(array, shape: tuple[int, ...], dtype: str) -> np.ndarray | None:
     return np.frombuffer(data, dtype=expected, count=count, offset=offset).reshape(shape)
 
 
-#: Stacks at least this large get their own mapping with transparent huge pages requested.
+#: Stacks at least this large get their own mapping, populated when it is made.
 HUGE_STACK_BYTES = 1 << 22
 
 
 def empty_stack(rows: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised ``(rows, d)`` CPU tensor; untouched rows cost no memory.
+    """An uninitialised ``(rows, d)`` CPU tensor, its pages mapped up front.
 
-    A large stack is its own anonymous mapping with transparent huge pages requested
-    (``MADV_HUGEPAGE``): writing a fresh stack then takes one page fault per 2 MiB instead of per
-    4 KiB (measured here: a 45 MB row filled in 12 ms instead of 29 ms). The mapping goes back to
-    the system when the last view of the tensor is freed.
+    A large stack is its own anonymous mapping made with ``MAP_POPULATE``: the kernel maps and
+    zeroes its pages in one go instead of one trap per 4 KiB page as rows are first written
+    (measured here: 20 rows of 11.2M float32 filled in 0.45 s instead of 0.60-0.66 s;
+    ``MADV_HUGEPAGE`` was faster when it worked but stalled for seconds in compaction under
+    memory pressure). The mapping goes back to the system when the last view of the tensor is freed.
     """
     size = rows * d * torch.empty((), dtype=dtype).element_size()
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)
-    if size < HUGE_STACK_BYTES or advice is None or not hasattr(mmap, "MAP_ANONYMOUS"):
+    flags = getattr(mmap, "MAP_POPULATE", None)
+    if size < HUGE_STACK_BYTES or flags is None or not hasattr(mmap, "MAP_ANONYMOUS"):
         return torch.empty((rows, d), dtype=dtype)
     try:
-        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        mapping.madvise(advice)
-    except (OSError, ValueError, AttributeError):
+        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | flags)
+    except (OSError, ValueError):
         return torch.empty((rows, d), dtype=dtype)
     return torch.frombuffer(mapping, dtype=dtype).view(rows, d)
 
@@ -138,6 +169,17 @@ def fill_row(row: np.ndarray, parts: list[np.ndarray], global_vector: np.ndarray
                     total += float(np.dot(block, block))
             offset += size
     return total
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(tensor).all())``, from a plain sum first (NaN or Inf anywhere makes
+    it non-finite; only then, or on an overflow, are the elements checked). On CPU the sum is
+    ~20x faster than ``isfinite``."""
+    if tensor.numel() == 0:
+        return True
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def sha256_row(row: np.ndarray | torch.Tensor) -> str:

@@ -288,3 +288,30 @@ def test_an_interceptor_s_rows_are_what_is_hashed_and_scored():
     assert record["update_sha256"] == {str(n): sha256_tensor(u) for n, u in zip(ids, updates)}
     norms = [record["features"][str(n)]["norm"] for n in ids]
     assert np.allclose(norms, torch.linalg.vector_norm(updates.double(), dim=1).numpy(), rtol=1e-12)
+
+
+def test_the_rounds_records_are_appended_and_the_checkpoint_only_counts_them(tmp_path):
+    """records.jsonl gets one line a round; the checkpoint holds their count, not the records, so
+    what a round writes does not grow with the rounds done. A resumed run reads them back."""
+    import json
+
+    from server.checkpoint import load_checkpoint
+    from server.run import read_run_records
+    from simulations.harness import run_federation
+
+    settings = {"aggregator": "median", "num-byzantine": 1, "attack": "sign-flip", "num-malicious": 2}
+    out = tmp_path / "run"
+    run_federation(settings | {"rounds": 2, "out": str(out)})
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert "records" not in state and state["records_length"] == 2 and state["strategy"]["history"] == []
+    lines = read_run_records(out)
+    assert [line["round"] for line in lines] == [1, 2]
+    assert all(len(line["strategy"]) == 1 for line in lines)
+    resumed = run_federation(settings | {"rounds": 3, "resume": True, "out": str(out)})
+    assert [r["round"] for r in resumed["rounds"]] == [1, 2, 3]
+    assert [line["round"] for line in read_run_records(out)] == [1, 2, 3]
+    fresh = run_federation(settings | {"rounds": 3, "out": str(tmp_path / "fresh")})
+    for key in ("accepted", "scores", "flagged", "accuracy"):
+        assert [r[key] for r in resumed["rounds"]] == [r[key] for r in fresh["rounds"]], key
+    for line in (out / "records.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"non-strict JSON constant {name}"))
