@@ -124,7 +124,7 @@ class Inputs:
                     offset += size
                     arrays[key] = Array(value.astype(dtype, copy=False))
                 else:
-                    arrays[key] = Array(base + (i % 3))
+                    arrays[key] = Array(np.asarray(base + (i % 3), dtype=base.dtype))
             content = RecordDict({"arrays": arrays,
                                   "metrics": MetricRecord({"num-examples": 50 + i, "train-loss": 0.5})})
             out.append(Message(content, reply_to=messages[node]))
@@ -225,7 +225,7 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
-def bench_config(n: int, d: int, rules: list[str], repeats: int, device: str) -> dict:
+def bench_config(n: int, d: int, rules: list[str], repeats: int, device: str, phalanx_only: tuple = ()) -> dict:
     import flwr
     from flwr.app import ConfigRecord
 
@@ -254,13 +254,17 @@ def bench_config(n: int, d: int, rules: list[str], repeats: int, device: str) ->
                                    f"{record.get('rejected')}")
             entry["phalanx"].append(t)
             entry["stages"].append(dict(getattr(strategy, "stage_seconds", {}) or {}))
+            if rule in phalanx_only:
+                print(f"  n={n} d={inputs.d} {rule}: Phalanx {entry['phalanx'][-1]['seconds']:.3f} s "
+                      f"(Flower's {PHALANX_RULES[rule]} not run: --phalanx-only)", flush=True)
+                continue
             flower = flower_strategy(PHALANX_RULES[rule], n, f)
             entry["flower"].append(timed_call(inputs, messages, lambda r: flower.aggregate_train(server_round, r)))
             print(f"  n={n} d={inputs.d} {rule}: Phalanx {entry['phalanx'][-1]['seconds']:.3f} s, "
                   f"Flower {PHALANX_RULES[rule]} {entry['flower'][-1]['seconds']:.3f} s", flush=True)
     for rule, entry in results["rules"].items():
         entry["phalanx_s"] = statistics.median(t["seconds"] for t in entry["phalanx"])
-        entry["flower_s"] = statistics.median(t["seconds"] for t in entry["flower"])
+        entry["flower_s"] = statistics.median(t["seconds"] for t in entry["flower"]) if entry["flower"] else None
         peaks = [t["peak_bytes"] for t in entry["phalanx"] if t["peak_bytes"] is not None]
         fpeaks = [t["peak_bytes"] for t in entry["flower"] if t["peak_bytes"] is not None]
         entry["phalanx_peak"] = max(peaks) if peaks else None
@@ -330,11 +334,12 @@ def markdown(configs: list[dict], header: dict) -> str:
               "| Flower peak (x stack) |", "|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
         for rule, e in c["rules"].items():
-            ratio = e["flower_s"] / e["phalanx_s"]
+            ratio = "-" if e["flower_s"] is None else f"{e['flower_s'] / e['phalanx_s']:.2f}"
+            flower_s = "not run" if e["flower_s"] is None else f"{e['flower_s']:.3f}"
             pp = "-" if e["phalanx_peak"] is None else f"{_mib(e['phalanx_peak'])} MiB ({e['phalanx_peak'] / c['stack_bytes']:.2f}x)"
             fp = "-" if e["flower_peak"] is None else f"{_mib(e['flower_peak'])} MiB ({e['flower_peak'] / c['stack_bytes']:.2f}x)"
             lines.append(f"| {c['n']} | {c['d']:,} | {rule} | {e['phalanx_s']:.3f} | {e['flower_name']} | "
-                         f"{e['flower_s']:.3f} | {ratio:.2f} | {pp} | {fp} |")
+                         f"{flower_s} | {ratio} | {pp} | {fp} |")
     lines += ["", "Phalanx stages (median seconds):", "",
               "| n | d | rule | " + " | ".join(STAGES) + " |", "|---|---|---|" + "---|" * len(STAGES)]
     for c in configs:
@@ -353,6 +358,9 @@ def main(argv=None) -> int:
     parser.add_argument("--rules", default=",".join(PHALANX_RULES), help="Phalanx rules (each against its Flower twin)")
     parser.add_argument("--max-stack-gib", type=float, default=6.0,
                         help="skip (n, d) whose float32 stack is larger (the replies double it, Flower more)")
+    parser.add_argument("--phalanx-only", default="",
+                        help="comma list of rules whose Flower twin is not run (e.g. krum where Flower's Krum "
+                             "would need more memory than the machine has)")
     parser.add_argument("--markdown", help="write the tables here")
     parser.add_argument("--json", help="write the raw numbers here")
     parser.add_argument("--files", action="store_true", help="measure the files a round writes instead")
@@ -381,7 +389,8 @@ def main(argv=None) -> int:
                     print(f"skipped n={n} d={d}: a {n * d * 4 / 2**30:.1f} GiB stack is over --max-stack-gib")
                     configs.append({"n": n, "d": d, "skipped": f"stack over {args.max_stack_gib} GiB"})
                     continue
-                configs.append(bench_config(n, d, rules, args.repeats, args.device))
+                configs.append(bench_config(n, d, rules, args.repeats, args.device,
+                                            tuple(r for r in args.phalanx_only.split(",") if r)))
         payload["configs"] = configs
         import flwr
 
