@@ -20,8 +20,9 @@ replies' arrays in place). Then, interleaved in this one process, repeat by repe
   from ``flwr.serverapp.strategy``, their own ``aggregate_train`` on the same replies.
 
 Reported: the median of ``--repeats`` calls, the ratio Flower / Phalanx, Phalanx's stage times
-(``strategy.stage_seconds``: decode, validate, stack, hash, score, aggregate, record; stages a
-version does not time show as "-"), and the peak memory of the call: VmHWM (reset through
+(``strategy.stage_seconds``: decode, validate, stack, hash (the worker thread's seconds, overlapped
+with decoding and the rule), hash_wait (what the round then waited for it), score, aggregate,
+record; stages a version does not time show as "-"), and the peak memory of the call: VmHWM (reset through
 ``/proc/self/clear_refs`` just before the call) minus VmRSS just before it, plus the bytes of the
 replies' own arrays (a server holds them while it aggregates); shown as a multiple of the (n, d)
 float32 stack. glibc's mmap threshold is fixed at 128 KiB and the heap trimmed before each call,
@@ -54,7 +55,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PHALANX_RULES = {"mean": "FedAvg", "trimmed-mean": "FedTrimmedAvg", "median": "FedMedian", "krum": "Krum"}
-STAGES = ("decode", "validate", "stack", "hash", "score", "aggregate", "record")
+STAGES = ("decode", "validate", "stack", "hash", "hash_wait", "score", "aggregate", "record")
 
 
 # ----------------------------------------------------------------------------------------- inputs

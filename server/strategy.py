@@ -335,7 +335,7 @@ class RobustStrategy(Strategy):
         if self.interceptor is not None:
             updates = self.interceptor(server_round, updates, node_ids, [v.metrics for v in valid], self.rule)
             shared_norms = None  # rows may have changed: scoring measures them again
-            self._row_hashes = [_hash_pool().submit(sha256_row, row if row.device.type == "cpu" else row.cpu())
+            self._row_hashes = [_hash_pool().submit(_timed_sha256, row if row.device.type == "cpu" else row.cpu())
                                 for row in updates]
         # Filled in once the worker thread is done (the key keeps its place in the record).
         record["update_sha256"] = {}
@@ -404,8 +404,12 @@ class RobustStrategy(Strategy):
         """Wait for the rows' SHA-256 (started while they were stacked) and record them."""
         started = time.perf_counter()
         futures, self._row_hashes = self._row_hashes, []
-        record["update_sha256"] = {str(n): future.result() for n, future in zip(node_ids, futures)}
-        self.stage_seconds["hash"] = self.stage_seconds.get("hash", 0.0) + time.perf_counter() - started
+        done = [future.result() for future in futures]
+        record["update_sha256"] = {str(n): digest for n, (digest, _) in zip(node_ids, done)}
+        # "hash": the worker's seconds (overlapped with decoding and the rule); "hash_wait": what
+        # the round waited for it after the rule was done.
+        self.stage_seconds["hash"] = sum(seconds for _, seconds in done)
+        self.stage_seconds["hash_wait"] = time.perf_counter() - started
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -586,7 +590,7 @@ class RobustStrategy(Strategy):
                     updates[len(valid)].copy_(staging[0])
                 if stack and hash_rows:
                     row = staging[k] if on_cpu else staging[k].clone()
-                    self._row_hashes.append(_hash_pool().submit(sha256_row, row))
+                    self._row_hashes.append(_hash_pool().submit(_timed_sha256, row))
                 valid.append(outcome)
                 sq_norms.append(sq)
                 timer.lap("stack")
@@ -819,6 +823,11 @@ def result_scores(result, keep: torch.Tensor) -> list[float]:
     full = torch.ones(len(keep), dtype=torch.float64)
     full[keep.cpu()] = result.scores.detach().cpu().double()
     return full.tolist()
+
+
+def _timed_sha256(row: torch.Tensor) -> tuple[str, float]:
+    started = time.perf_counter()
+    return sha256_row(row), time.perf_counter() - started
 
 
 class _StageTimer:
