@@ -210,7 +210,7 @@ def robust_z(values: torch.Tensor, *, rel_floor: float = DEFAULT_REL_FLOOR,
 def score_updates(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: torch.Tensor | None = None, *,
                   z_onset: float = DEFAULT_Z_ONSET, z_half: float = DEFAULT_Z_HALF,
                   max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
-                  norms: torch.Tensor | None = None) -> ClientScores:
+                  norms: torch.Tensor | None = None, distances: torch.Tensor | None = None) -> ClientScores:
     """Score how anomalous each client's update is relative to the round's other updates.
 
     Parameters
@@ -235,6 +235,13 @@ def score_updates(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: t
     norms : torch.Tensor | None
         ``(n,)`` the rows' L2 norms when the caller already has them (float64, e.g. from
         stacking the updates); they are then not measured again. Trusted as given.
+    distances : torch.Tensor | None
+        ``(n,)`` the rows' Euclidean distances to ``aggregate`` when the caller already has them
+        (a rule whose scores are those distances, ``scores_are_distances``). With ``norms`` too,
+        the stack is not read at all: the dot products come from
+        ``(|u|^2 + |a|^2 - |u - a|^2) / 2`` in float64, whose error is about 1e-16 (|u|^2 + |a|^2),
+        i.e. a cosine within ~1e-16 (|u| / |a| + |a| / |u|) of the measured one. Trusted as given;
+        ignored unless every norm and distance is finite.
 
     Returns
     -------
@@ -248,6 +255,25 @@ def score_updates(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: t
         On wrong shapes or dtypes, non-finite updates or aggregate (naming the rows), or
         ``z_half <= z_onset``.
     """
+    if (norms is not None and distances is not None and isinstance(updates, torch.Tensor) and updates.dim() == 2
+            and tuple(norms.shape) == (updates.shape[0],) and tuple(distances.shape) == (updates.shape[0],)
+            and bool(torch.isfinite(norms).all()) and bool(torch.isfinite(distances).all())):
+        _check_inputs(updates, aggregate, rule_scores, check_rows=False)
+        if max_chunk_elements < 1:
+            raise ValueError(f"score_updates: max_chunk_elements must be >= 1, got {max_chunk_elements}")
+        from server.stacking import all_finite
+
+        if not all_finite(aggregate):
+            raise ValueError("score_updates: aggregate contains NaN or Inf")
+        _check_rule_scores(rule_scores, updates.shape[0])
+        norm = norms.detach().to(torch.float64)
+        distance = distances.detach().to(device=norm.device, dtype=torch.float64)
+        agg = aggregate.detach().to(device=norm.device, dtype=torch.float64)
+        agg_sq = torch.dot(agg, agg)
+        dot = (norm * norm + agg_sq - distance * distance) / 2
+        denominator = norm * agg_sq.sqrt()
+        cosine = torch.where(denominator > 0, dot / torch.where(denominator > 0, denominator, 1.0), 0.0)
+        return score_features(norm, cosine.clamp(-1.0, 1.0), distance, rule_scores, z_onset=z_onset, z_half=z_half)
     fast = _fast_features(updates, aggregate)
     _check_inputs(updates, aggregate, rule_scores, check_rows=not fast)
     if max_chunk_elements < 1:

@@ -618,8 +618,10 @@ class RobustStrategy(Strategy):
         before = _rule_state(self.rule)
         result = self._call_rule(updates, weights, node_ids)
         timer.lap("aggregate")
-        client_scores = score_updates(updates, result.vector, result.scores,
-                                      norms=None if sq_norms is None else sq_norms.sqrt())
+        norms = None if sq_norms is None else sq_norms.sqrt().to(updates.device)
+        # A rule whose scores are the distances to its output spares scoring a read of the stack.
+        distances = result.scores if norms is not None and getattr(self.rule, "scores_are_distances", False) else None
+        client_scores = score_updates(updates, result.vector, result.scores, norms=norms, distances=distances)
         combined = client_scores.combined
         timer.lap("score")
         flagged = self.reputation.observe(server_round, node_ids, combined.tolist())
