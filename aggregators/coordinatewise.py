@@ -109,6 +109,9 @@ class Mean:
     """
 
     uses_weights = True
+    #: ``scores`` are each row's Euclidean distance to ``vector`` as returned (float64
+    #: differences): a server may use them as that distance instead of measuring it again.
+    scores_are_distances = True
 
     def __init__(self, max_chunk_bytes: Optional[int] = None) -> None:
         self.max_chunk_bytes = check_max_chunk_bytes("mean", max_chunk_bytes)
@@ -156,6 +159,8 @@ class Median:
     """
 
     uses_weights = False
+    #: ``scores`` are each row's Euclidean distance to ``vector`` (see :class:`Mean`).
+    scores_are_distances = True
 
     def __init__(self, max_chunk_bytes: Optional[int] = None) -> None:
         self.max_chunk_bytes = check_max_chunk_bytes("median", max_chunk_bytes)

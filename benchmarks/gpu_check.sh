@@ -6,7 +6,8 @@
 # shares of the GPU, robust aggregation of 11.2M parameters on it).
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR      # writes OUT_DIR/pytest.log, gpu.md, gpu_reads.log,
-#                                             # tasks.log, resnet18_round.md/.json
+#                                             # tasks.log, resnet18_round.md/.json,
+#                                             # server_round.md/.json (issue 17's round on CUDA)
 #
 # Flower, flwr-datasets and dp-accounting are not on the lent machine's image: carry them as
 # wheels made here by `bash benchmarks/gpu_wheels.sh` (its header gives the device command).
@@ -34,8 +35,13 @@ if python3 -c "import flwr, flwr_datasets, dp_accounting" 2>/dev/null; then
     python3 benchmarks/task_round.py --task resnet18 --clients 10 --rounds 2 --amp \
         --json "$out/resnet18_round.json" 2>&1 | tee "$out/resnet18_round.md"
     federated=$(( federated != 0 || ${PIPESTATUS[0]} != 0 ))
+    # The server round at model scale with the stack on the GPU (Flower's strategies stay on CPU):
+    # benchmarks/round.py, as docs/benchmarks.md "The server round at model scale" ran it on CPU.
+    python3 benchmarks/round.py --device cuda --n 20,100 --d 1M,11.2M --repeats 2 \
+        --markdown "$out/server_round.md" --json "$out/server_round.json" 2>&1 | tail -n 40
+    federated=$(( federated != 0 || ${PIPESTATUS[0]} != 0 ))
 else
-    echo "Flower is not importable: skipped the task tests and the resnet18 round (see benchmarks/gpu_wheels.sh)"
+    echo "Flower is not importable: skipped the task tests, the resnet18 round and the server round (see benchmarks/gpu_wheels.sh)"
 fi
 echo "pytest exit $tests, gpu_reads exit $bench, federated exit $federated"
 exit $(( tests != 0 || bench != 0 || federated != 0 ))

@@ -35,6 +35,8 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 from torch import Tensor
 
+from server.stacking import all_finite
+
 #: Optimizer kinds, as in run-config ``server-optimizer``.
 KINDS = ("sgd", "adam", "yogi")
 
@@ -147,7 +149,7 @@ class ServerOptimizer:
                 f"server optimizer: aggregate_update has shape {tuple(aggregate_update.shape)}, "
                 f"global_vector {tuple(global_vector.shape)}"
             )
-        if not bool(torch.isfinite(aggregate_update).all()):
+        if not all_finite(aggregate_update):
             raise ValueError("server optimizer: aggregate_update contains NaN or Inf")
         state = next((t for t in (self.momentum_buffer, self.first_moment) if t is not None), None)
         if state is not None and state.shape != global_vector.shape:

@@ -147,7 +147,11 @@ def vector_to_arrays(vector: torch.Tensor, spec: ParamSpec, others: Mapping[str,
     Floating-point entries come from ``vector`` (bfloat16 model entries rounded to bfloat16 and
     sent as float32); integer and boolean entries from ``others``.
     """
-    flat = vector.detach().to("cpu", torch.float64)
+    # In the vector's own dtype: float32 and float64 values go to any float wire dtype the same
+    # way from there as through float64 (float64 holds them exactly), without a float64 copy.
+    flat = vector.detach().to("cpu")
+    if flat.dtype not in (torch.float32, torch.float64):
+        flat = flat.to(torch.float64)
     record = ArrayRecord()
     offset = 0
     sizes = dict(zip(spec.keys, spec.sizes))
@@ -164,5 +168,6 @@ def vector_to_arrays(vector: torch.Tensor, spec: ParamSpec, others: Mapping[str,
         offset += size
         if model_dtype == "bfloat16":
             part = part.to(torch.bfloat16).to(torch.float64)
-        record[key] = Array(np.ascontiguousarray(part.numpy().astype(wire)))
+        values = part.numpy()
+        record[key] = Array(np.ascontiguousarray(values if values.dtype == np.dtype(wire) else values.astype(wire)))
     return record

@@ -13,6 +13,10 @@ keeps what a run facing poisoned clients must leave behind, in ``out_dir``:
     After every round, atomically: the global model, the strategy's state (reputation, rule and
     DP state, RNG), the monitor, the records and the audit head. ``resume=True`` continues a
     killed run from it.
+``records.jsonl``
+    One strict-JSON line per round, appended and fsync'd before the checkpoint: the round's full
+    record, the strategy's record of it and the round's Flower ``Result`` metrics. The checkpoint
+    only counts these lines, so what a round writes does not grow with the rounds already done.
 ``summary.json``
     Strict JSON (no NaN): ``config``, final and best accuracy, per-round records, alerts.
 ``scores.csv``, ``report.html``, ``model.pt``
@@ -71,8 +75,13 @@ from server.report import write_report
 from server.scoring import write_scores_csv
 from server.strategy import RobustStrategy
 
-#: Version of the checkpoint layout written by :class:`RobustRun`.
-CHECKPOINT_FORMAT = 2
+#: Version of the checkpoint layout written by :class:`RobustRun` (3: the per-round records live
+#: in ``records.jsonl``; a format 2 checkpoint, which holds them itself, is still resumed).
+CHECKPOINT_FORMAT = 3
+#: Checkpoint formats a run can resume from.
+READABLE_CHECKPOINT_FORMATS = (2, 3)
+#: The Flower ``Result`` histories kept per round.
+RESULT_HISTORIES = ("train_metrics_clientapp", "evaluate_metrics_clientapp", "evaluate_metrics_serverapp")
 #: Record keys copied into summary.json's ``rounds``.
 SUMMARY_ROUND_KEYS = (
     "round", "accuracy", "loss", "accepted", "rejected", "scores", "flagged", "excluded", "selected", "reputation",
@@ -84,7 +93,7 @@ SUMMARY_ROUND_KEYS = (
 #: extend its rounds, or skip the report.
 NOT_IDENTITY = ("resume", "rounds", "report", "checkpoints")
 #: Files of a run, moved aside together when a fresh run starts in the same directory.
-RUN_FILES = ("audit.jsonl", "checkpoint.pt", "summary.json", "scores.csv", "report.html", "model.pt")
+RUN_FILES = ("audit.jsonl", "records.jsonl", "checkpoint.pt", "summary.json", "scores.csv", "report.html", "model.pt")
 
 
 class RunStateError(RuntimeError):
@@ -101,6 +110,7 @@ class RunFiles:
     audit = property(lambda self: self.root / "audit.jsonl")
     scores = property(lambda self: self.root / "scores.csv")
     checkpoint = property(lambda self: self.root / "checkpoint.pt")
+    records = property(lambda self: self.root / "records.jsonl")
     model = property(lambda self: self.root / "model.pt")
 
 
@@ -127,6 +137,49 @@ def write_json(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(strict_json(payload), indent=2, allow_nan=False))
     tmp.replace(path)
+
+
+def read_run_records(root: str | Path, limit: int | None = None) -> list[dict]:
+    """The per-round lines of a run directory's ``records.jsonl`` (each ``{"round", "record",
+    "strategy", "result"}``), at most ``limit``; a torn last line is left out."""
+    path = Path(root) / "records.jsonl"
+    out: list[dict] = []
+    if not path.exists():
+        return out
+    with open(path, "rb") as handle:
+        for raw in handle:
+            if limit is not None and len(out) >= limit:
+                break
+            if not raw.endswith(b"\n"):
+                break
+            out.append(json.loads(raw))
+    return out
+
+
+def _append_line(path: Path, payload: Any) -> None:
+    """One strict-JSON line appended to ``path``, flushed and fsync'd."""
+    line = json.dumps(strict_json(payload), allow_nan=False, separators=(",", ":")) + "\n"
+    with open(path, "ab") as handle:
+        handle.write(line.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _truncate_lines(path: Path, keep: int) -> None:
+    """Cut ``path`` after its first ``keep`` lines (a record written after the last checkpoint)."""
+    if not path.exists():
+        return
+    size = 0
+    with open(path, "rb") as handle:
+        for index, raw in enumerate(handle):
+            if index >= keep or not raw.endswith(b"\n"):
+                break
+            size += len(raw)
+    if path.stat().st_size != size:
+        with open(path, "r+b") as handle:
+            handle.truncate(size)
+            handle.flush()
+            os.fsync(handle.fileno())
 
 
 def _finite(value: Any) -> bool:
@@ -232,6 +285,9 @@ class RobustRun:
         # round -> (global arrays, strategy.model_state(), central metrics) at the end of that round.
         self._snapshots: dict[int, tuple[ArrayRecord, dict, dict | None]] = {}
         self._result = Result()
+        # How much of strategy.history is in records.jsonl; seconds per file of the last _persist.
+        self._history_written = 0
+        self.persist_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ identity
     def config_hash(self) -> str:
@@ -457,7 +513,7 @@ class RobustRun:
 
     def _restore(self, checkpoint: dict, initial_arrays: ArrayRecord) -> tuple[ArrayRecord, int]:
         files = self.files
-        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+        if checkpoint.get("format") not in READABLE_CHECKPOINT_FORMATS:
             raise RunStateError(f"{files.checkpoint} is not a checkpoint of this Phalanx version "
                                 f"(format {checkpoint.get('format')!r}, expected {CHECKPOINT_FORMAT})")
         if checkpoint["config_hash"] != self.config_hash():
@@ -479,11 +535,13 @@ class RobustRun:
         if records == length + 1:
             log(WARNING, "resume: dropping the %s last record of %s (written after the checkpoint)",
                 "torn" if torn else "complete", files.audit)
+        checkpoint = self._restore_records(checkpoint)
         self.audit = self._audit_log(fresh=False, length=length, head=head)
         self.run_id = checkpoint["run_id"]
         spec = ParamSpec.of(initial_arrays, self.strategy.model_dtypes)
         arrays = vector_to_arrays(checkpoint["global"], spec, {k: v.numpy() for k, v in checkpoint["others"].items()})
         self.strategy.load_state_dict(checkpoint["strategy"])
+        self._history_written = len(self.strategy.history)
         self.monitor.load_state_dict(checkpoint["monitor"])
         self.records = list(checkpoint["records"])
         self.initial_evaluation = checkpoint.get("initial_evaluation")
@@ -499,14 +557,65 @@ class RobustRun:
         log(INFO, "Resuming from %s after round %d", files.checkpoint, checkpoint["round"])
         return arrays, int(checkpoint["round"]) + 1
 
+    def _restore_records(self, checkpoint: dict) -> dict:
+        """The checkpoint with its rounds' records, strategy history and Result metrics filled in
+        from records.jsonl (format 3), the file cut after the rounds it vouches for. A format 2
+        checkpoint holds them itself: records.jsonl is then written from it, so later
+        checkpoints can count on it."""
+        files = self.files
+        checkpoint = dict(checkpoint)
+        if "records" in checkpoint:
+            files.records.unlink(missing_ok=True)
+            history = list(checkpoint["strategy"].get("history", []))
+            for index, record in enumerate(checkpoint["records"]):
+                r = str(record.get("round"))
+                _append_line(files.records, {
+                    "round": record.get("round"), "record": record, "strategy": history if index == 0 else [],
+                    "result": {name: checkpoint["result"][name][r] for name in RESULT_HISTORIES
+                               if r in checkpoint["result"].get(name, {})}})
+            return checkpoint
+        length = int(checkpoint["records_length"])
+        lines = read_run_records(files.root, length)
+        if len(lines) < length:
+            raise RunStateError(f"{files.records} holds {len(lines)} complete records but {files.checkpoint} "
+                                f"vouches for {length}: the file was truncated")
+        _truncate_lines(files.records, length)
+        checkpoint["records"] = [line["record"] for line in lines]
+        checkpoint["strategy"] = dict(checkpoint["strategy"])
+        checkpoint["strategy"]["history"] = [h for line in lines for h in line.get("strategy", [])]
+        result = {name: dict(checkpoint["result"].get(name, {})) for name in RESULT_HISTORIES}
+        for line in lines:
+            for name, metrics in (line.get("result") or {}).items():
+                result[name][str(line["round"])] = metrics
+        checkpoint["result"] = result
+        return checkpoint
+
     def _persist(self, server_round: int, arrays: ArrayRecord, record: dict) -> None:
-        """The round's audit record, then its checkpoint (summary.json is written at the end: the
-        checkpoint holds the records, and rewriting a growing summary every round costs)."""
+        """The round's audit record, its line in records.jsonl, then the checkpoint.
+
+        Nothing here grows with the rounds already done: the records are appended (the checkpoint
+        counts them), summary.json and scores.csv are written at the end. ``persist_seconds``
+        holds each file's seconds.
+        """
         assert self.audit is not None
+        timer = time.perf_counter()
         self.audit.append(self.audit_record(record))
+        now = time.perf_counter()
+        self.persist_seconds = {"audit": now - timer}
         if not self.checkpoints:
             return
+        history = self.strategy.history[self._history_written:]
+        _append_line(self.files.records, {
+            "round": server_round, "record": record, "strategy": history,
+            "result": {name: dict(getattr(self._result, name)[server_round]) for name in RESULT_HISTORIES
+                       if server_round in getattr(self._result, name)},
+        })
+        self._history_written = len(self.strategy.history)
+        timer, now = now, time.perf_counter()
+        self.persist_seconds["records"] = now - timer
         spec = ParamSpec.of(arrays, self.strategy.model_dtypes)
+        strategy_state = dict(self.strategy.state_dict())
+        strategy_state["history"] = []  # in records.jsonl
         save_checkpoint(self.files.checkpoint, {
             "format": CHECKPOINT_FORMAT,
             "round": server_round,
@@ -514,11 +623,11 @@ class RobustRun:
             "config_hash": self.config_hash(),
             "global": arrays_to_vector(arrays, spec),
             "others": {k: torch.from_numpy(np.array(v)) for k, v in other_entries(arrays, spec).items()},
-            "strategy": self.strategy.state_dict(),
+            "strategy": strategy_state,
             "monitor": self.monitor.state_dict(),
             "audit_length": self.audit.length,
             "audit_head": self.audit.head,
-            "records": strict_json(self.records),
+            "records_length": len(self.records),
             "initial_evaluation": self.initial_evaluation,
             "elapsed": time.time() - self.started,
             "rollbacks": strict_json(self.rollbacks),
@@ -526,10 +635,11 @@ class RobustRun:
                                    "others": {k: torch.from_numpy(np.array(v)) for k, v in other_entries(a, spec).items()},
                                    "model_state": state, "metrics": metrics}
                           for r, (a, state, metrics) in self._snapshots.items()},
-            "result": {name: {str(r): strict_json(dict(m)) for r, m in getattr(self._result, name).items()}
-                       for name in ("train_metrics_clientapp", "evaluate_metrics_clientapp",
-                                    "evaluate_metrics_serverapp")},
+            # Only what precedes round 1 (the initial evaluation); each round's are in records.jsonl.
+            "result": {name: {str(r): strict_json(dict(m)) for r, m in getattr(self._result, name).items() if r < 1}
+                       for name in RESULT_HISTORIES},
         })
+        self.persist_seconds["checkpoint"] = time.perf_counter() - now
 
     def _finish(self, arrays: ArrayRecord) -> None:
         if self.files is None:

@@ -209,7 +209,8 @@ def robust_z(values: torch.Tensor, *, rel_floor: float = DEFAULT_REL_FLOOR,
 
 def score_updates(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: torch.Tensor | None = None, *,
                   z_onset: float = DEFAULT_Z_ONSET, z_half: float = DEFAULT_Z_HALF,
-                  max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS) -> ClientScores:
+                  max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+                  norms: torch.Tensor | None = None, distances: torch.Tensor | None = None) -> ClientScores:
     """Score how anomalous each client's update is relative to the round's other updates.
 
     Parameters
@@ -228,7 +229,19 @@ def score_updates(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: t
         Evidence at which ``combined`` reaches 0.5 (the flagging threshold's meaning).
     max_chunk_elements : int
         Rows are processed in chunks of at most this many elements, bounding the float64
-        temporaries (norms, dot products and distances are accumulated in float64).
+        temporaries (norms, dot products and distances are accumulated in float64). On CPU
+        (float32/float64 stacks) the features come from one read of the stack in cache-sized
+        float64 blocks (:func:`server.stacking.row_features`) and this bound does not apply.
+    norms : torch.Tensor | None
+        ``(n,)`` the rows' L2 norms when the caller already has them (float64, e.g. from
+        stacking the updates); they are then not measured again. Trusted as given.
+    distances : torch.Tensor | None
+        ``(n,)`` the rows' Euclidean distances to ``aggregate`` when the caller already has them
+        (a rule whose scores are those distances, ``scores_are_distances``). With ``norms`` too,
+        the stack is not read at all: the dot products come from
+        ``(|u|^2 + |a|^2 - |u - a|^2) / 2`` in float64, whose error is about 1e-16 (|u|^2 + |a|^2),
+        i.e. a cosine within ~1e-16 (|u| / |a| + |a| / |u|) of the measured one. Trusted as given;
+        ignored unless every norm and distance is finite.
 
     Returns
     -------
@@ -242,10 +255,55 @@ def score_updates(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: t
         On wrong shapes or dtypes, non-finite updates or aggregate (naming the rows), or
         ``z_half <= z_onset``.
     """
-    _check_inputs(updates, aggregate, rule_scores)
+    if (norms is not None and distances is not None and isinstance(updates, torch.Tensor) and updates.dim() == 2
+            and tuple(norms.shape) == (updates.shape[0],) and tuple(distances.shape) == (updates.shape[0],)
+            and bool(torch.isfinite(norms).all()) and bool(torch.isfinite(distances).all())):
+        _check_inputs(updates, aggregate, rule_scores, check_rows=False)
+        if max_chunk_elements < 1:
+            raise ValueError(f"score_updates: max_chunk_elements must be >= 1, got {max_chunk_elements}")
+        from server.stacking import all_finite
+
+        if not all_finite(aggregate):
+            raise ValueError("score_updates: aggregate contains NaN or Inf")
+        _check_rule_scores(rule_scores, updates.shape[0])
+        norm = norms.detach().to(torch.float64)
+        distance = distances.detach().to(device=norm.device, dtype=torch.float64)
+        agg = aggregate.detach().to(device=norm.device, dtype=torch.float64)
+        agg_sq = torch.dot(agg, agg)
+        dot = (norm * norm + agg_sq - distance * distance) / 2
+        denominator = norm * agg_sq.sqrt()
+        cosine = torch.where(denominator > 0, dot / torch.where(denominator > 0, denominator, 1.0), 0.0)
+        return score_features(norm, cosine.clamp(-1.0, 1.0), distance, rule_scores, z_onset=z_onset, z_half=z_half)
+    fast = _fast_features(updates, aggregate)
+    _check_inputs(updates, aggregate, rule_scores, check_rows=not fast)
     if max_chunk_elements < 1:
         raise ValueError(f"score_updates: max_chunk_elements must be >= 1, got {max_chunk_elements}")
-    norm, cosine, distance = _raw_features(updates, aggregate, max_chunk_elements)
+    if norms is not None and (not isinstance(norms, torch.Tensor) or tuple(norms.shape) != (updates.shape[0],)):
+        raise ValueError(f"score_updates: norms must be a tensor of shape ({updates.shape[0]},)")
+    if fast:
+        from server.stacking import all_finite, row_features
+
+        sq, dot, sq_distance = row_features(updates, aggregate, None if norms is None else norms.double() ** 2)
+        # A NaN or Inf anywhere in a row makes its distance to the (finite) aggregate non-finite:
+        # only those rows need the element-wise check, which names them as before.
+        suspects = torch.nonzero(~(torch.isfinite(sq_distance) & torch.isfinite(dot))).flatten()
+        if suspects.numel():
+            finite_rows = torch.isfinite(updates[suspects]).all(dim=1)
+            bad = suspects[~finite_rows].tolist()
+            if bad:
+                raise ValueError(f"score_updates: update rows {bad} contain NaN or Inf")
+        if not all_finite(aggregate):
+            raise ValueError("score_updates: aggregate contains NaN or Inf")
+        _check_rule_scores(rule_scores, updates.shape[0])
+        norm = sq.sqrt() if norms is None else norms.detach().to("cpu", torch.float64)
+        agg_norm = torch.linalg.vector_norm(aggregate.detach().to("cpu", torch.float64))
+        denominator = norm * agg_norm
+        cosine = torch.where(denominator > 0, dot / torch.where(denominator > 0, denominator, 1.0), 0.0)
+        norm, cosine, distance = norm, cosine.clamp(-1.0, 1.0), sq_distance.sqrt()
+    else:
+        norm, cosine, distance = _raw_features(updates, aggregate, max_chunk_elements)
+        if norms is not None:
+            norm = norms.detach().to(device=norm.device, dtype=torch.float64)
     return score_features(norm, cosine, distance, rule_scores, z_onset=z_onset, z_half=z_half)
 
 
@@ -317,7 +375,23 @@ def _log_norm_z(norm: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
     return robust_z(logs, rel_floor=0.0, abs_floor=LOG_NORM_FLOOR)
 
 
-def _check_inputs(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: torch.Tensor | None) -> None:
+def _fast_features(updates: torch.Tensor, aggregate: torch.Tensor) -> bool:
+    """Whether the one-read CPU feature pass applies (a CPU float32/float64 (n, d) stack)."""
+    return (isinstance(updates, torch.Tensor) and updates.dim() == 2 and updates.device.type == "cpu"
+            and updates.dtype in (torch.float32, torch.float64) and updates.is_contiguous()
+            and updates.shape[0] > 0 and isinstance(aggregate, torch.Tensor)
+            and tuple(aggregate.shape) == (updates.shape[1],) and aggregate.is_floating_point())
+
+
+def _check_rule_scores(rule_scores: torch.Tensor | None, n: int) -> None:
+    if rule_scores is not None:
+        if not isinstance(rule_scores, torch.Tensor) or tuple(rule_scores.shape) != (n,):
+            what = tuple(rule_scores.shape) if isinstance(rule_scores, torch.Tensor) else type(rule_scores).__name__
+            raise ValueError(f"score_updates: rule_scores must be a tensor of shape ({n},), got {what}")
+
+
+def _check_inputs(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: torch.Tensor | None,
+                  check_rows: bool = True) -> None:
     if not isinstance(updates, torch.Tensor) or updates.dim() != 2 or not updates.is_floating_point():
         what = f"shape {tuple(updates.shape)}, dtype {updates.dtype}" if isinstance(updates, torch.Tensor) \
             else type(updates).__name__
@@ -327,16 +401,14 @@ def _check_inputs(updates: torch.Tensor, aggregate: torch.Tensor, rule_scores: t
         what = f"shape {tuple(aggregate.shape)}, dtype {aggregate.dtype}" if isinstance(aggregate, torch.Tensor) \
             else type(aggregate).__name__
         raise ValueError(f"score_updates: aggregate must be a floating tensor of shape ({d},), got {what}")
-    finite_rows = torch.isfinite(updates).all(dim=1)
-    if not bool(finite_rows.all()):
-        bad = torch.nonzero(~finite_rows).flatten().tolist()
-        raise ValueError(f"score_updates: update rows {bad} contain NaN or Inf")
-    if not bool(torch.isfinite(aggregate).all()):
-        raise ValueError("score_updates: aggregate contains NaN or Inf")
-    if rule_scores is not None:
-        if not isinstance(rule_scores, torch.Tensor) or tuple(rule_scores.shape) != (n,):
-            what = tuple(rule_scores.shape) if isinstance(rule_scores, torch.Tensor) else type(rule_scores).__name__
-            raise ValueError(f"score_updates: rule_scores must be a tensor of shape ({n},), got {what}")
+    if check_rows:
+        finite_rows = torch.isfinite(updates).all(dim=1)
+        if not bool(finite_rows.all()):
+            bad = torch.nonzero(~finite_rows).flatten().tolist()
+            raise ValueError(f"score_updates: update rows {bad} contain NaN or Inf")
+        if not bool(torch.isfinite(aggregate).all()):
+            raise ValueError("score_updates: aggregate contains NaN or Inf")
+        _check_rule_scores(rule_scores, n)
 
 
 def _raw_features(updates: torch.Tensor, aggregate: torch.Tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from server.privacy import (
 )
 from server.reputation import Reputation
 from server.scoring import score_updates
+from server.stacking import BLOCK, empty_stack, fill_row, sha256_row, single_threaded_blas
 from server.settings import DP_MODES
 from server.validation import ReplyValidator, ValidReply, check_metrics
 
@@ -218,6 +220,8 @@ class RobustStrategy(Strategy):
         self._sampled: set[int] = set()
         self._evaluate_sampled: set[int] = set()
         self._num_nodes = 0
+        self._row_hashes: list = []
+        self.stage_seconds: dict[str, float] = {}
 
     # ------------------------------------------------------------------ Flower API
     def summary(self) -> None:
@@ -292,7 +296,15 @@ class RobustStrategy(Strategy):
         started = time.perf_counter()
         if self._global is None or self._spec is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        valid, rejected = self._validate_all(server_round, replies)
+        # Seconds per stage of this round (decode, validate, stack, hash, score, aggregate, record):
+        # the benchmark reads it (benchmarks/round.py), a log or hook may too.
+        self.stage_seconds = {}
+        timer = _StageTimer(self.stage_seconds)
+        # Rows are hashed in a worker thread as they are accepted, while the next replies decode
+        # and the rule aggregates; an interceptor may replace rows, so then they are hashed after it.
+        valid, rejected, updates, sq_norms = self._validate_and_stack(server_round, replies,
+                                                                     hash_rows=self.interceptor is None)
+        timer.reset()
         record: dict = {
             "round": server_round,
             "sampled": sorted(self._sampled),
@@ -312,15 +324,21 @@ class RobustStrategy(Strategy):
             log(WARNING, "round %d skipped: %d valid replies < min-replies %d; global model unchanged",
                 server_round, len(valid), self.min_replies)
             record["skipped"] = True
+            self._row_hashes = []
             self._finish(record, None, started)
             return None, MetricRecord({"num-valid": len(valid), "num-rejected": len(rejected)})
 
         node_ids = [v.node_id for v in valid]
-        updates = _stack_updates(valid, self.device)
+        hashed_ids = list(node_ids)
         weights = torch.tensor([float(v.num_examples) for v in valid], dtype=torch.float64, device=self.device)
+        shared_norms = sq_norms
         if self.interceptor is not None:
             updates = self.interceptor(server_round, updates, node_ids, [v.metrics for v in valid], self.rule)
-        record["update_sha256"] = {str(n): _sha256(u) for n, u in zip(node_ids, updates)}
+            shared_norms = None  # rows may have changed: scoring measures them again
+            self._row_hashes = [_hash_pool().submit(_timed_sha256, row if row.device.type == "cpu" else row.cpu())
+                                for row in updates]
+        # Filled in once the worker thread is done (the key keeps its place in the record).
+        record["update_sha256"] = {}
         record["client_reports"] = {
             str(v.node_id): {k: m for k, m in v.metrics.items() if k not in ("num-examples", "train-loss", "train_loss")}
             | v.provenance
@@ -339,6 +357,7 @@ class RobustStrategy(Strategy):
                 log(INFO, "round %d: node %d data audit: %d checked, %d flagged, %d dropped", server_round,
                     v.node_id, v.metrics["audit-checked"], v.metrics.get("audit-flagged", 0),
                     v.metrics.get("audit-dropped", 0))
+        timer.lap("record")
 
         if self.privacy.mode == "central":
             # n must not depend on the clients' data: a sampled client whose reply was rejected
@@ -350,16 +369,21 @@ class RobustStrategy(Strategy):
                 node_ids = node_ids + missing
                 record["null_clients"] = missing
             updates, norms = clip_updates(updates, self._clip_norm())
+            shared_norms = None
             record["clip_norm"] = self._clip_norm()
         try:
-            vector, keep, scores = self._robust_aggregate(server_round, updates, weights, node_ids, record)
+            vector, keep, scores = self._robust_aggregate(server_round, updates, weights, node_ids, record,
+                                                          sq_norms=shared_norms)
         except ValueError as exc:
             # e.g. Krum with n <= 2f + 2 once replies were rejected: skip the round, keep the model.
             log(WARNING, "round %d skipped: the aggregator refused %d updates: %s", server_round, len(valid), exc)
             record["skipped"] = True
             record["skip_reason"] = str(exc)
+            self._collect_hashes(record, hashed_ids)
             self._finish(record, None, started)
             return None, MetricRecord({"num-valid": len(valid), "num-rejected": len(rejected)})
+        self._collect_hashes(record, hashed_ids)
+        timer.reset()
         if self.privacy.mode != "off":
             vector = self._privatise(vector, keep, record, norms if self.privacy.mode == "central" else None)
 
@@ -369,11 +393,24 @@ class RobustStrategy(Strategy):
         record["train_loss"] = _train_loss(valid)
         kept = [v for v in valid if v.node_id not in set(record["excluded"])] or valid
         others = {key: lower_median([v.others[key] for v in kept]) for key in self._spec.other_keys}
-        self._finish(record, scores, started)
         metrics = self._aggregate_metrics(self.train_metrics_aggr_fn, valid, server_round, "train")
         metrics["num-valid"] = len(valid)
         metrics["num-rejected"] = len(rejected)
-        return vector_to_arrays(new_global, self._spec, others), metrics
+        arrays = vector_to_arrays(new_global, self._spec, others)
+        timer.lap("record")
+        self._finish(record, scores, started)
+        return arrays, metrics
+
+    def _collect_hashes(self, record: dict, node_ids: list[int]) -> None:
+        """Wait for the rows' SHA-256 (started while they were stacked) and record them."""
+        started = time.perf_counter()
+        futures, self._row_hashes = self._row_hashes, []
+        done = [future.result() for future in futures]
+        record["update_sha256"] = {str(n): digest for n, (digest, _) in zip(node_ids, done)}
+        # "hash": the worker's seconds (overlapped with decoding and the rule); "hash_wait": what
+        # the round waited for it after the rule was done.
+        self.stage_seconds["hash"] = sum(seconds for _, seconds in done)
+        self.stage_seconds["hash_wait"] = time.perf_counter() - started
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -471,46 +508,123 @@ class RobustStrategy(Strategy):
 
     # ------------------------------------------------------------------ internals
     def _validate_all(self, server_round: int, replies: Iterable[Message]) -> tuple[list[ValidReply], dict[int, str]]:
-        assert self._spec is not None and self._global is not None
-        validator = ReplyValidator(self._spec, max_update_norm=self.max_update_norm,
-                                   max_num_examples=self.max_num_examples)
-        valid: list[ValidReply] = []
-        rejected: dict[int, str] = {}
+        """Validate without stacking (the evidence of each check; :meth:`_validate_and_stack` is the round's path)."""
+        valid, rejected, _, _ = self._validate_and_stack(server_round, replies, stack=False)
+        return valid, rejected
+
+    def _screen(self, server_round: int, replies: Iterable[Message]) -> tuple[list[tuple[int, int, Message]], list]:
+        """Sender id, duplicates and sampling, in arrival order: (candidates, rejections).
+
+        Candidates are ``(arrival, node_id, reply)``; rejections ``(arrival, node_id, reason)``.
+        """
+        candidates: list[tuple[int, int, Message]] = []
+        events: list[tuple[int, int, str]] = []
         seen: set[int] = set()
-        for reply in replies:
+        for arrival, reply in enumerate(replies):
             try:
                 node_id = int(reply.metadata.src_node_id)
             except Exception:  # noqa: BLE001 - no usable sender id at all
-                rejected[-1] = "reply without a sender node id"
+                events.append((arrival, -1, "reply without a sender node id"))
                 continue
             if node_id in seen:
                 # Keep the first reply: a second one from the same node is never averaged in twice.
-                rejected[node_id] = "duplicate reply from this node (the first was kept)"
+                events.append((arrival, node_id, "duplicate reply from this node (the first was kept)"))
                 continue
             seen.add(node_id)
             if node_id not in self._sampled:
-                rejected[node_id] = f"node was not sampled in round {server_round}"
+                events.append((arrival, node_id, f"node was not sampled in round {server_round}"))
                 continue
-            outcome = validator.validate(reply, self._global)
+            candidates.append((arrival, node_id, reply))
+        return candidates, events
+
+    def _validate_and_stack(self, server_round: int, replies: Iterable[Message], *, stack: bool = True,
+                            hash_rows: bool = False):
+        """Validate every reply and write each accepted update into one (n, d) stack, in one pass.
+
+        Returns ``(valid, rejected, updates, sq_norms)``: the accepted replies sorted by node id
+        (arrival order must not change the result: float sums depend on row order), the
+        rejection reasons (in arrival order), the ``(n, d)`` stack on ``self.device`` in the same
+        order, and each row's float64 sum of squares. Each update is decoded straight from the
+        reply's bytes into its row (:mod:`server.stacking`): no per-client copy, and its norm and
+        NaN/Inf screen come from the same pass. With ``hash_rows`` each accepted row's SHA-256
+        is started in a worker thread at once (``self._row_hashes``: futures in row order).
+        """
+        assert self._spec is not None and self._global is not None
+        timer = _StageTimer(self.stage_seconds)
+        validator = ReplyValidator(self._spec, max_update_norm=self.max_update_norm,
+                                   max_num_examples=self.max_num_examples)
+        candidates, events = self._screen(server_round, replies)
+        pending = []
+        for arrival, node_id, reply in candidates:
+            outcome = validator.check(reply)
             if isinstance(outcome, str):
-                rejected[node_id] = outcome
+                events.append((arrival, node_id, outcome))
             else:
+                pending.append((node_id, arrival, outcome))
+        timer.lap("validate")
+        pending.sort(key=lambda p: p[0])
+        d = self._spec.dim
+        dtype = self._spec.vector_dtype
+        on_cpu = self.device.type == "cpu"
+        rows = len(pending) if stack else min(len(pending), 1)
+        # Untouched rows of torch.empty cost no memory: a rejected reply's row is reused.
+        updates = (empty_stack(rows, d, dtype) if on_cpu or not stack
+                   else torch.empty((rows, d), dtype=dtype, device=self.device))
+        staging = updates if on_cpu or not stack else torch.empty((min(rows, 1), d), dtype=dtype)
+        staging_np = staging.numpy()
+        global_np = self._global.to(dtype).numpy()
+        scratch = np.empty(BLOCK, dtype=np.float64)
+        valid: list[ValidReply] = []
+        sq_norms: list[float] = []
+        self._row_hashes = []
+        with single_threaded_blas():
+            for node_id, arrival, item in pending:
+                k = len(valid) if (stack and on_cpu) else 0
+                sq = fill_row(staging_np[k], item.parts, global_np, scratch)
+                timer.lap("decode")
+                outcome = validator.finish(item, sq, staging[k])
+                timer.lap("validate")
+                if isinstance(outcome, str):
+                    events.append((arrival, node_id, outcome))
+                    continue
+                if stack and not on_cpu:
+                    updates[len(valid)].copy_(staging[0])
+                if stack and hash_rows:
+                    row = staging[k] if on_cpu else staging[k].clone()
+                    self._row_hashes.append(_hash_pool().submit(_timed_sha256, row))
                 valid.append(outcome)
-        # Arrival order must not change the result (float sums depend on row order).
-        return sorted(valid, key=lambda v: v.node_id), rejected
+                sq_norms.append(sq)
+                timer.lap("stack")
+        rejected: dict[int, str] = {}
+        for _, node_id, reason in sorted(events, key=lambda e: e[0]):
+            rejected[node_id] = reason
+        updates = updates[: len(valid)] if stack else updates[:0]
+        norms = torch.tensor(sq_norms, dtype=torch.float64)
+        timer.lap("validate")
+        return valid, rejected, updates, norms
 
     def _robust_aggregate(
-        self, server_round: int, updates: torch.Tensor, weights: torch.Tensor, node_ids: list[int], record: dict
+        self, server_round: int, updates: torch.Tensor, weights: torch.Tensor, node_ids: list[int], record: dict,
+        sq_norms: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Aggregate, score every client, apply the reputation policy; return (vector, kept rows, scores)."""
+        """Aggregate, score every client, apply the reputation policy; return (vector, kept rows, scores).
+
+        ``sq_norms``: the rows' float64 sums of squares when already known (from stacking).
+        """
+        timer = _StageTimer(self.stage_seconds)
         if self.reputation.policy == "trust-weighted":
             trust = self.reputation.trust_weights(node_ids).to(weights)
             # Once every node is fully distrusted the weights carry no information: stay uniform.
             weights = weights * trust if bool((trust > 0).any()) else weights
         before = _rule_state(self.rule)
         result = self._call_rule(updates, weights, node_ids)
-        client_scores = score_updates(updates, result.vector, result.scores)
+        timer.lap("aggregate")
+        norms = None if sq_norms is None else sq_norms.sqrt().to(updates.device)
+        # A rule whose scores are the distances to its output spares scoring a read of the stack.
+        distances = result.scores if norms is not None and getattr(self.rule, "scores_are_distances", False) else None
+        client_scores = score_updates(updates, result.vector, result.scores, norms=norms, distances=distances)
         combined = client_scores.combined
+        timer.lap("score")
         flagged = self.reputation.observe(server_round, node_ids, combined.tolist())
         keep = torch.ones(len(node_ids), dtype=torch.bool, device=updates.device)
         excluded = self.reputation.excluded(server_round, node_ids, combined.tolist()) & set(node_ids)
@@ -521,7 +635,9 @@ class RobustStrategy(Strategy):
                 # A stateful rule (centered clipping's centre, a seeded generator) must see this
                 # round once: rewind it to where the round started before aggregating again.
                 _load_rule_state(self.rule, before)
+                timer.reset()
                 result = self._call_rule(updates[keep], weights[keep], [n for n in node_ids if n not in excluded])
+                timer.lap("aggregate")
             except ValueError as exc:
                 _load_rule_state(self.rule, after_first)
                 log(WARNING, "round %d: cannot aggregate without the excluded nodes %s (%s); keeping them",
@@ -541,6 +657,7 @@ class RobustStrategy(Strategy):
         record["excluded"] = sorted(int(n) for n in excluded)
         record["selected"] = [n for n, s in zip(node_ids, selected.tolist()) if s]
         record["reputation"] = {str(n): float(self.reputation.reputations.get(n, 0.0)) for n in node_ids}
+        timer.lap("score")
         return result.vector, keep, combined
 
     def _call_rule(self, updates: torch.Tensor, weights: torch.Tensor, node_ids: list[int]):
@@ -709,6 +826,48 @@ def result_scores(result, keep: torch.Tensor) -> list[float]:
     full = torch.ones(len(keep), dtype=torch.float64)
     full[keep.cpu()] = result.scores.detach().cpu().double()
     return full.tolist()
+
+
+def _timed_sha256(row: torch.Tensor) -> tuple[str, float]:
+    started = time.perf_counter()
+    return sha256_row(row), time.perf_counter() - started
+
+
+class _StageTimer:
+    """Adds the seconds since the last lap to ``stages[name]``."""
+
+    def __init__(self, stages: dict) -> None:
+        self.stages = stages
+        self.last = time.perf_counter()
+
+    def reset(self) -> None:
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.stages[name] = self.stages.get(name, 0.0) + now - self.last
+        self.last = now
+
+
+_HASH_POOL = None
+
+
+def _hash_pool():
+    """One worker thread for the rows' SHA-256 (hashlib releases the GIL on large buffers)."""
+    global _HASH_POOL
+    if _HASH_POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _HASH_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phalanx-sha256")
+    return _HASH_POOL
+
+
+def _forget_hash_pool() -> None:
+    global _HASH_POOL
+    _HASH_POOL = None
+
+
+os.register_at_fork(after_in_child=_forget_hash_pool)
 
 
 def _stack_updates(valid: list[ValidReply], device: torch.device) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
 from server.params import ParamSpec
+from server.stacking import npy_view
 
 #: The records a train reply must carry.
 EXPECTED_RECORDS = ("arrays", "metrics")
@@ -51,6 +52,33 @@ class ValidReply:
     metrics: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     others: dict = field(default_factory=dict)
+
+
+@dataclass
+class PendingReply:
+    """A reply whose records, keys and arrays' layout passed (:meth:`ReplyValidator.check`);
+    its values are checked once they are in the stack (:meth:`ReplyValidator.finish`).
+
+    Attributes
+    ----------
+    node_id : int
+        Sender.
+    parts : list[np.ndarray]
+        The floating-point entries in the spec's order, as decoded (views of the message's bytes
+        where possible: nothing copied).
+    others : dict
+        The integer and boolean entries, decoded.
+    metrics : MetricRecord
+        The reply's metrics, not yet checked.
+    provenance : dict
+        Checked provenance strings.
+    """
+
+    node_id: int
+    parts: list
+    others: dict
+    metrics: MetricRecord
+    provenance: dict
 
 
 class ReplyValidator:
@@ -119,6 +147,93 @@ class ReplyValidator:
         num_examples = min(int(metric_values["num-examples"]), self.max_num_examples)
         return ValidReply(node_id, update, num_examples, metric_values, provenance, others)
 
+    # ------------------------------------------------------------- in two steps, around the stack
+    def check(self, reply: Message) -> PendingReply | str:
+        """Every check :meth:`validate` makes that does not need the update's values.
+
+        Same checks in the same order, same reasons: the records, the provenance, the keys, and
+        each array's decoding, shape, dtype and declared metadata. A reply whose array fails one of
+        these after an earlier float array holding NaN/Inf gets that earlier array's reason, as
+        :meth:`validate` gives it. The values (finiteness, the norm bound) and the metrics are
+        checked by :meth:`finish` once the update is in its stack row.
+        """
+        try:
+            return self._check(reply)
+        except Exception as exc:  # noqa: BLE001 - a hostile reply must never end the round
+            return f"malformed reply: {type(exc).__name__}: {exc}"
+
+    def finish(self, pending: PendingReply, sq_norm: float, update: torch.Tensor) -> ValidReply | str:
+        """The value checks of :meth:`validate` on an update already written to its stack row.
+
+        ``sq_norm`` is the update's float64 sum of squares (:func:`server.stacking.fill_row`); it is
+        non-finite whenever a value is NaN or Inf. ``update`` is that row (its norm is recomputed
+        the old way only when the sum is not finite and no array held NaN/Inf).
+        """
+        try:
+            if not math.isfinite(sq_norm):
+                reason = _non_finite_reason(self.spec, pending.parts)
+                if reason:
+                    return reason
+                norm = float(torch.linalg.vector_norm(update.double()))
+            else:
+                norm = math.sqrt(sq_norm)
+            if norm > self.max_update_norm:
+                return f"update norm {norm:.4g} exceeds the bound {self.max_update_norm:.4g}"
+            metric_values, reason = check_metrics(pending.metrics)
+            if reason:
+                return reason
+            num_examples = min(int(metric_values["num-examples"]), self.max_num_examples)
+            return ValidReply(pending.node_id, torch.empty(0), num_examples, metric_values, pending.provenance,
+                              pending.others)
+        except Exception as exc:  # noqa: BLE001 - a hostile reply must never end the round
+            return f"malformed reply: {type(exc).__name__}: {exc}"
+
+    def _check(self, reply: Message) -> PendingReply | str:
+        node_id = int(reply.metadata.src_node_id)
+        if reply.has_error():
+            return f"client error {reply.error.code}: {reply.error.reason}"
+        content = reply.content
+        names = sorted(content.keys())
+        missing = [name for name in EXPECTED_RECORDS if name not in names]
+        extra = [name for name in names if name not in EXPECTED_RECORDS + OPTIONAL_RECORDS]
+        if missing or extra:
+            return f"records: missing {missing}, unexpected {extra}"
+        arrays, metrics = content["arrays"], content["metrics"]
+        if not isinstance(arrays, ArrayRecord):
+            return f"'arrays' is a {type(arrays).__name__}, not an ArrayRecord"
+        if not isinstance(metrics, MetricRecord):
+            return f"'metrics' is a {type(metrics).__name__}, not a MetricRecord"
+        provenance, reason = _check_provenance(content.get("provenance"))
+        if reason:
+            return reason
+        reason = self._check_keys(arrays)
+        if reason:
+            return reason
+        parts, others = [], {}
+        float_keys = set(self.spec.float_keys)
+        for key, shape, dtype in zip(self.spec.keys, self.spec.shapes, self.spec.dtypes):
+            array = arrays[key]
+            data = npy_view(array, shape, dtype)
+            if data is None:
+                try:
+                    data = array.numpy()
+                except Exception as exc:  # noqa: BLE001 - undecodable bytes are the client's fault
+                    return _non_finite_reason(self.spec, parts) or f"array {key!r}: undecodable data ({type(exc).__name__})"
+                if tuple(data.shape) != shape:
+                    return _non_finite_reason(self.spec, parts) or f"array {key!r}: shape {tuple(data.shape)}, expected {shape}"
+                if data.dtype.name != dtype:
+                    return _non_finite_reason(self.spec, parts) or f"array {key!r}: dtype {data.dtype.name}, expected {dtype}"
+            if tuple(array.shape) != shape or array.dtype != dtype:
+                return _non_finite_reason(self.spec, parts) or (
+                    f"array {key!r}: declared shape/dtype {tuple(array.shape)}/{array.dtype} "
+                    f"disagree with its data {shape}/{dtype}"
+                )
+            if key not in float_keys:
+                others[key] = np.array(data)
+                continue
+            parts.append(data)
+        return PendingReply(node_id, parts, others, metrics, provenance)
+
     def _check_keys(self, arrays: ArrayRecord) -> str | None:
         keys = set(arrays.keys())
         expected = set(self.spec.keys)
@@ -155,6 +270,15 @@ class ReplyValidator:
             parts.append(np.asarray(data, dtype=vector_dtype).reshape(-1))
         flat = torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, dtype=self.spec.vector_dtype)
         return flat, others, None
+
+
+def _non_finite_reason(spec: ParamSpec, parts: list) -> str | None:
+    """:meth:`ReplyValidator.validate`'s reason for the first float array holding NaN/Inf, or None."""
+    for key, data in zip(spec.float_keys, parts):
+        if not np.isfinite(data).all():
+            bad = int((~np.isfinite(data)).sum())
+            return f"array {key!r}: {bad} non-finite values (NaN/Inf)"
+    return None
 
 
 # --------------------------------------------------------------------------- client metrics and text

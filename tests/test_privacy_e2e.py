@@ -88,10 +88,13 @@ def central_trimmed_mean_with_budget(tmp_path_factory) -> tuple[dict, Path]:
 
 
 def checkpoint_rounds(out: Path) -> list[dict]:
-    """Each round's full record (with ``noise_std``), as the checkpoint keeps it."""
+    """Each round's full record (with ``noise_std``), as the run directory keeps it for resuming
+    (records.jsonl, which the checkpoint counts)."""
+    from server.run import read_run_records
+
     state = load_checkpoint(out / "checkpoint.pt")
     assert state is not None, f"no checkpoint in {out}"
-    return state["records"]
+    return [line["record"] for line in read_run_records(out, state["records_length"])]
 
 
 def flat(state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
